@@ -1,0 +1,18 @@
+"""dsjax: DeepSeek-V2/V3 in JAX/Flax NNX."""
+
+from dsjax.config import ConfigError, ModelConfig, Numerics, ScoringFunc, TopkMethod, YarnScaling
+from dsjax.model import ModelOutput, Transformer, abstract_model, count_params, create_model
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "ModelOutput",
+    "Numerics",
+    "ScoringFunc",
+    "TopkMethod",
+    "Transformer",
+    "YarnScaling",
+    "abstract_model",
+    "count_params",
+    "create_model",
+]

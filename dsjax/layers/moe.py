@@ -1,0 +1,48 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts (V3 eqs 12-16)."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.config import ModelConfig, Numerics
+from dsjax.layers.common import MLP, RoutingBias, param
+from dsjax.ops.moe import moe_dense, moe_ragged
+from dsjax.ops.routing import Routing, route
+from dsjax.sharding import shard
+
+DISPATCH_IMPLS = ("ragged", "dense")
+
+
+class MoE(nnx.Module):
+    """``h' = u + shared(u) + sum_i g_i expert_i(u)``; the residual is added by the decoder layer.
+
+    ``router [d, e]`` is kept in fp32 (as HF does); ``routing_bias [e]`` exists for noaux_tc only.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+        d, e, f, std = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.initializer_range
+        self.cfg = cfg
+        self.router = param(rngs, (d, e), ("embed", "experts"), jnp.float32, std)
+        if cfg.has_routing_bias:
+            self.routing_bias = RoutingBias(jnp.zeros((e,), jnp.float32), logical_axes=("experts",))
+        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), param_dtype, std)
+        self.w_up = param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), param_dtype, std)
+        self.w_down = param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), param_dtype, std)
+        if cfg.n_shared_experts:
+            self.shared = MLP(d, cfg.shared_intermediate_size, "moe_mlp", rngs=rngs, param_dtype=param_dtype, std=std)
+
+    def __call__(self, x_btd, dispatch: str = "ragged") -> tuple[jnp.ndarray, Routing]:
+        if dispatch not in DISPATCH_IMPLS:
+            raise ValueError(f"dispatch={dispatch!r}; choose one of {DISPATCH_IMPLS}")
+        b, t, d = x_btd.shape
+        x_md = x_btd.reshape(b * t, d)
+        bias = self.routing_bias[...] if self.cfg.has_routing_bias else None
+        routing = route(x_md, self.router[...], bias, self.cfg)
+        combine = moe_ragged if dispatch == "ragged" else moe_dense
+        accum = x_md.dtype if self.cfg.numerics == Numerics.OFFICIAL else jnp.float32
+        experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        y_md = combine(x_md, routing.weights_mk, routing.experts_mk, *(w.astype(x_md.dtype) for w in experts),
+                       accum_dtype=accum)  # fmt: skip
+        y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "embed"))
+        if self.cfg.n_shared_experts:
+            y_btd = y_btd + self.shared(x_btd)
+        return y_btd, routing

@@ -1,0 +1,62 @@
+"""Multi-head Latent Attention (MLA) cores: naive (per-head keys/values) and absorbed (attention in latent space).
+
+Both take the compressed KV latent ``c_kv [b, s, c]`` (already RMS-normalised) and the shared rotated key
+``k_pe [b, s, r]`` — the only things MLA caches — plus ``wkv_b [c, h, n + v]``, the joint up-projection.
+Scores are ``(q_nope . k_nope + q_pe . k_pe) * scale``; softmax runs in fp32.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30  # finite so fully-masked rows (padding) give a uniform softmax instead of NaN
+
+
+def attention_mask(
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segments: jax.Array | None = None,
+    kv_segments: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean ``[b, t, s]`` mask: key position <= query position, and the same segment when given.
+
+    Segment ids let packed sequences attend only within their own document.
+    """
+    mask = kv_positions[:, None, :] <= q_positions[:, :, None]
+    if q_segments is not None:
+        mask &= q_segments[:, :, None] == kv_segments[:, None, :]
+    return mask
+
+
+def _softmax(scores_bhts: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    scores = jnp.where(mask_bts[:, None], scores_bhts.astype(jnp.float32), _NEG_INF)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def mla_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, *, nope_dim: int):
+    """Expand the latent into per-head keys and values, then attend (the training / prefill form).
+
+    Args:
+      q_nope: ``[b, t, h, n]``; q_pe: ``[b, t, h, r]`` (rotated); c_kv: ``[b, s, c]``; k_pe: ``[b, s, r]``
+      (rotated); wkv_b: ``[c, h, n + v]``; mask: ``[b, t, s]`` bool; scale: softmax scale.
+    Returns:
+      ``[b, t, h, v]`` attention output, in ``q_nope.dtype``.
+    """
+    kv = jnp.einsum("bsc,chx->bshx", c_kv, wkv_b)
+    k_nope, value = kv[..., :nope_dim], kv[..., nope_dim:]
+    scores = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+    probs = _softmax(scores * scale, mask).astype(value.dtype)
+    return jnp.einsum("bhts,bshv->bthv", probs, value)
+
+
+def mla_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, *, nope_dim: int):
+    """Same result as :func:`mla_naive` without materialising per-head keys/values (the decode form).
+
+    The key up-projection is folded into the query (``q_lat = q_nope . W_UK``) and the value up-projection is
+    applied after attention, so the work per cached token is O(c + r) instead of O(h * (n + v)).
+    """
+    w_uk, w_uv = wkv_b[..., :nope_dim], wkv_b[..., nope_dim:]
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)
+    scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+    probs = _softmax(scores * scale, mask).astype(c_kv.dtype)
+    o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
+    return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
