@@ -1,9 +1,14 @@
 """dsjax: DeepSeek-V2/V3 in JAX/Flax NNX."""
 
+from dsjax.checkpoint.hf import from_pretrained, save_pretrained
+from dsjax.checkpoint.safetensors_io import CheckpointError
 from dsjax.config import ConfigError, ModelConfig, Numerics, ScoringFunc, TopkMethod, YarnScaling
 from dsjax.model import ModelOutput, Transformer, abstract_model, count_params, create_model
 
 __all__ = [
+    "CheckpointError",
+    "from_pretrained",
+    "save_pretrained",
     "ConfigError",
     "ModelConfig",
     "ModelOutput",

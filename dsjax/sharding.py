@@ -67,25 +67,16 @@ def shard(x: jax.Array, names: Sequence[str | None], rules: Rules = DEFAULT_RULE
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, mesh))
 
 
-def logical_axes_of(state: nnx.State) -> nnx.State:
-    """The ``logical_axes`` tuple of every variable in ``state`` (same tree structure)."""
-
-    def axes(v):
-        names = v.get_metadata().get("logical_axes")
-        if names is None or len(names) != v.value.ndim:
-            raise ValueError(f"variable of shape {v.value.shape} has logical axes {names!r}")
-        return names
-
-    return jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """The NamedSharding of one variable from its ``logical_axes`` metadata."""
+    names = var.get_metadata().get("logical_axes")
+    if names is None or len(names) != var.get_value().ndim:
+        raise ValueError(f"variable of shape {var.get_value().shape} has logical axes {names!r}")
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
-    """NamedSharding for every variable of ``state`` from its logical axes."""
-
-    def one(v):
-        names = v.get_metadata().get("logical_axes")
-        if names is None or len(names) != v.value.ndim:
-            raise ValueError(f"variable of shape {v.value.shape} has logical axes {names!r}")
-        return v.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    """NamedSharding for every variable of ``state`` (same tree), for ``jit`` in/out shardings."""
+    return jax.tree.map(
+        lambda v: v.replace(variable_sharding(v, mesh, rules)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )

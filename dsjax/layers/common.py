@@ -18,8 +18,9 @@ class RoutingBias(nnx.Variable):
 
 
 def param(rngs: nnx.Rngs, shape, axes: tuple[str, ...], dtype, std: float) -> nnx.Param:
-    """A normal(0, std) weight with its logical axis names."""
-    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * std, logical_axes=axes)
+    """A normal(0, std) weight with its logical axis names (``init_std`` lets ``create_model`` redraw it)."""
+    value = (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+    return nnx.Param(value, logical_axes=axes, init_std=std)
 
 
 class RMSNorm(nnx.Module):

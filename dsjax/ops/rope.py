@@ -39,7 +39,8 @@ def inverse_frequencies(dim: int, theta: float, yarn: YarnScaling | None) -> np.
 
 def rope_angles(positions: jax.Array, inv_freq: jax.Array, attention_factor: float = 1.0):
     """cos and sin of ``positions[..., None] * inv_freq`` in fp32, times YaRN's cos/sin attention factor."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32).reshape((1,) * positions.ndim + (-1,))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
 
 

@@ -36,7 +36,7 @@ def route(x_md: jax.Array, gate_de: jax.Array, bias_e: jax.Array | None, cfg: Mo
     else:
         scores = jax.nn.sigmoid(logits)
     scores = scores.astype(jnp.float32)
-    choice = scores if bias_e is None else scores + bias_e.astype(jnp.float32)
+    choice = scores if bias_e is None else scores + bias_e.astype(jnp.float32)[None, :]
 
     m, e = choice.shape
     if cfg.topk_method != TopkMethod.GREEDY and cfg.n_group > 1:

@@ -1,0 +1,174 @@
+"""Load and save DeepSeek-V2/V3 checkpoints in Hugging Face format (config.json + safetensors shards)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from dsjax.checkpoint.hf_map import LeafSpec, leaf_spec, mtp_copy_names
+from dsjax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, write_sharded
+from dsjax.config import ModelConfig
+from dsjax.hf_config import load_config, save_config
+from dsjax.model import Transformer, abstract_model
+from dsjax.sharding import DEFAULT_RULES, Rules, variable_sharding
+
+log = logging.getLogger(__name__)
+
+_LIST_LIMIT = 20
+
+
+def _listing(names) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
+    return ", ".join(names[:_LIST_LIMIT]) + more
+
+
+def _mtp_keys(keys: set[str], cfg: ModelConfig) -> set[str]:
+    """Checkpoint keys that belong to layers past the main stack (the MTP modules)."""
+    pattern = re.compile(r"model\.layers\.(\d+)\.")
+    return {k for k in keys if (m := pattern.match(k)) and int(m.group(1)) >= cfg.num_hidden_layers}
+
+
+def from_pretrained(
+    path: str,
+    *,
+    dtype=jnp.bfloat16,
+    param_dtype=None,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    mtp: bool | None = None,
+    **config_overrides,
+) -> Transformer:
+    """Load an HF-format DeepSeek-V2/V3 checkpoint directory into a :class:`~dsjax.Transformer`.
+
+    Tensors stream one at a time from memory-mapped safetensors straight into their sharded layout on
+    ``mesh`` (each device reads only its own slice), so a checkpoint larger than one host's memory loads.
+
+    Args:
+      path: directory with ``config.json`` and ``model.safetensors`` or shards + ``model.safetensors.index.json``.
+      dtype: compute dtype; also the storage dtype unless ``param_dtype`` is given (router weights and the
+        routing bias stay fp32).
+      mesh: shard the weights over this mesh by ``rules``; None places everything on the first device.
+      mtp: load the Multi-Token Prediction layers: None loads them when the checkpoint has them, True requires
+        them, False skips them.
+      config_overrides: ModelConfig fields to change (e.g. ``numerics="official"``).
+
+    Raises:
+      CheckpointError: missing, unexpected or wrongly shaped tensors (all listed), corrupt files.
+      ConfigError: an invalid or unsupported config.json.
+    """
+    cfg = load_config(path, **config_overrides)
+    reader = CheckpointReader(path)
+    keys = reader.keys()
+    mtp_keys = _mtp_keys(keys, cfg)
+    if mtp and not mtp_keys:
+        raise CheckpointError(f"mtp=True but the checkpoint at {path} has no layers past {cfg.num_hidden_layers}")
+    use_mtp = bool(mtp_keys) if mtp is None else mtp
+    if cfg.num_nextn_predict_layers and not use_mtp:
+        if mtp is None:
+            log.warning("config declares %d MTP layer(s) but the checkpoint has no MTP weights; loading without",
+                        cfg.num_nextn_predict_layers)  # fmt: skip
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    ignored = set() if use_mtp else mtp_keys
+
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype or dtype))
+    flat = nnx.to_flat_state(abstract)
+    specs = [leaf_spec(path_, var.get_value().shape, cfg) for path_, var in flat]
+    expected = {spec.name(idx): spec for spec in specs for idx in spec.indices()}
+    copies = mtp_copy_names(cfg)
+    missing = set(expected) - keys
+    unexpected = keys - set(expected) - set(copies) - ignored
+    if missing or unexpected:
+        parts = [f"missing tensors: {_listing(missing)}" if missing else "",
+                 f"unexpected tensors: {_listing(unexpected)}" if unexpected else ""]  # fmt: skip
+        raise CheckpointError(f"checkpoint at {path} does not match its config: " + "; ".join(p for p in parts if p))
+    wrong = [f"{n} {reader.shape(n)} (expected {s.hf_shape()})" for n, s in expected.items()
+             if reader.shape(n) != s.hf_shape()]  # fmt: skip
+    if wrong:
+        raise CheckpointError(f"tensors with wrong shapes in {path}: {_listing(wrong)}")
+
+    by_path = {spec.path: spec for spec in specs}
+    for name, leaf in copies.items():
+        if name in keys:
+            _check_copy(reader, name, by_path[leaf])
+
+    for (_, var), spec in zip(flat, specs):
+        sharding = variable_sharding(var, mesh, rules) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        var.set_value(_assemble(reader, spec, np.dtype(var.get_value().dtype), sharding))
+    return nnx.merge(graphdef, abstract)
+
+
+def _check_copy(reader: CheckpointReader, name: str, spec: LeafSpec) -> None:
+    # The MTP layers' embedding / head copies must equal the shared ones that dsjax uses for them.
+    main = reader.get(spec.name(()))
+    if reader.shape(name) != main.shape or not np.array_equal(reader.get(name), main):
+        raise CheckpointError(f"{name} differs from {spec.name(())}; dsjax shares the main embedding and head "
+                              "with the MTP modules (as DeepSeek-V3 does)")  # fmt: skip
+
+
+def _assemble(reader: CheckpointReader, spec: LeafSpec, dtype: np.dtype, sharding) -> jax.Array:
+    """Build one (possibly sharded) leaf, reading only the HF tensors each device's slice needs."""
+    done: dict[tuple, np.ndarray] = {}  # replicated slices are requested once per device; read them once
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        bounds = tuple(s.indices(n) for s, n in zip(index, spec.shape))
+        if bounds in done:
+            return done[bounds]
+        stack_ranges = [range(*b) for b in bounds[: spec.stack_dims]]
+        inner = tuple(slice(*b) for b in bounds[spec.stack_dims :])
+        out = np.empty([len(r) for r in stack_ranges] + [len(range(*b)) for b in bounds[spec.stack_dims :]], dtype)
+        for pos, idx in zip(itertools.product(*(range(len(r)) for r in stack_ranges)),
+                            itertools.product(*stack_ranges)):  # fmt: skip
+            out[pos] = spec.to_ours(reader.get(spec.name(idx)))[inner].astype(dtype)
+        done[bounds] = out
+        return out
+
+    return jax.make_array_from_callback(spec.shape, sharding, read)
+
+
+def _layer_order(name: str):
+    m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+    return (int(m.group(1)), m.group(2)) if m else (-1, name)
+
+
+def save_pretrained(model: Transformer, path: str, *, dtype=None, max_shard_bytes: int = 4 * 2**30) -> list[str]:
+    """Write ``model`` as an HF-format checkpoint (config.json + safetensors shards + index).
+
+    Tensors are fetched to the host one at a time and written into shards of at most ``max_shard_bytes``,
+    ordered by layer. ``dtype`` casts the weights (default: as stored); the router and routing bias stay fp32.
+    MTP layers get copies of the shared embedding and head under the released checkpoints' names.
+    Returns the written shard file names.
+    """
+    cfg = model.config
+    flat = nnx.to_flat_state(nnx.state(model))
+    leaves = {path_: var.get_value() for path_, var in flat}
+    for arr in leaves.values():
+        if not arr.is_fully_addressable:
+            raise NotImplementedError("saving a multi-host model to HF format: convert from an orbax checkpoint")
+    specs = {path_: leaf_spec(path_, arr.shape, cfg) for path_, arr in leaves.items()}
+    def save_dtype(p, arr) -> np.dtype:
+        keep = dtype is None or p[-1] in ("router", "routing_bias")  # HF keeps the router in fp32
+        return np.dtype(arr.dtype if keep else dtype)
+
+    target = {p: save_dtype(p, arr) for p, arr in leaves.items()}
+    plan = [(spec.name(idx), p, idx) for p, spec in specs.items() for idx in spec.indices()]
+    plan += [(name, leaf, None) for name, leaf in mtp_copy_names(cfg).items()]
+    plan.sort(key=lambda item: _layer_order(item[0]))
+
+    def items():
+        for name, p, idx in plan:
+            spec = specs[p]
+            host = np.asarray(leaves[p][idx] if idx else leaves[p])
+            yield name, np.ascontiguousarray(spec.to_hf(host)).astype(target[p])
+
+    main_dtype = np.dtype(dtype) if dtype is not None else np.dtype(leaves[("embed",)].dtype)
+    save_config(cfg, path, torch_dtype={"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+                .get(main_dtype.name, "bfloat16"))  # fmt: skip
+    return write_sharded(path, items(), max_shard_bytes=max_shard_bytes)
