@@ -7,8 +7,6 @@ from dsjax.model import ModelOutput, Transformer, abstract_model, count_params, 
 
 __all__ = [
     "CheckpointError",
-    "from_pretrained",
-    "save_pretrained",
     "ConfigError",
     "ModelConfig",
     "ModelOutput",
@@ -20,4 +18,6 @@ __all__ = [
     "abstract_model",
     "count_params",
     "create_model",
+    "from_pretrained",
+    "save_pretrained",
 ]

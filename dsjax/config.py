@@ -136,36 +136,75 @@ class ModelConfig:
                 raise ConfigError(f"{field}: {msg}")
 
         for field in (
-            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-            "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
-        ):  # fmt: skip
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+            "max_position_embeddings",
+        ):
             value = getattr(self, field)
             need(isinstance(value, int) and value > 0, field, f"must be a positive int, got {value!r}")
-        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "must be None (no query "
-             f"compression) or a positive int, got {self.q_lora_rank!r}")
+        need(
+            self.q_lora_rank is None or self.q_lora_rank > 0,
+            "q_lora_rank",
+            f"must be None (no query compression) or a positive int, got {self.q_lora_rank!r}",
+        )
         need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
-        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
-             f"RoPE rotates pairs of dimensions, so it must be even (got {self.qk_rope_head_dim})")
-        need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
-             f"top-k ({self.num_experts_per_tok}) exceeds n_routed_experts ({self.n_routed_experts})")
-        need(self.n_routed_experts % self.n_group == 0, "n_group",
-             f"n_routed_experts ({self.n_routed_experts}) is not divisible into {self.n_group} groups")
-        need(self.topk_group <= self.n_group, "topk_group",
-             f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+        need(
+            self.qk_rope_head_dim % 2 == 0,
+            "qk_rope_head_dim",
+            f"RoPE rotates pairs of dimensions, so it must be even (got {self.qk_rope_head_dim})",
+        )
+        need(
+            self.num_experts_per_tok <= self.n_routed_experts,
+            "num_experts_per_tok",
+            f"top-k ({self.num_experts_per_tok}) exceeds n_routed_experts ({self.n_routed_experts})",
+        )
+        need(
+            self.n_routed_experts % self.n_group == 0,
+            "n_group",
+            f"n_routed_experts ({self.n_routed_experts}) is not divisible into {self.n_group} groups",
+        )
+        need(
+            self.topk_group <= self.n_group,
+            "topk_group",
+            f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})",
+        )
         if self.topk_method != TopkMethod.GREEDY:
             kept = self.topk_group * (self.n_routed_experts // self.n_group)
-            need(self.num_experts_per_tok <= kept, "topk_group",
-                 f"the {self.topk_group} kept groups hold {kept} experts, fewer than "
-                 f"num_experts_per_tok={self.num_experts_per_tok}")
+            need(
+                self.num_experts_per_tok <= kept,
+                "topk_group",
+                f"the {self.topk_group} kept groups hold {kept} experts, fewer than "
+                f"num_experts_per_tok={self.num_experts_per_tok}",
+            )
         if self.topk_method == TopkMethod.NOAUX_TC:
-            need(self.n_routed_experts // self.n_group >= 2, "n_group",
-                 "noaux_tc ranks groups by the sum of their top-2 scores, so each group needs >= 2 experts")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
-             f"must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
-        need(self.moe_layer_freq == 1, "moe_layer_freq",
-             f"only 1 is supported (every layer after the dense ones is MoE, as in all released "
-             f"DeepSeek-V2/V3 models); got {self.moe_layer_freq}")
+            need(
+                self.n_routed_experts // self.n_group >= 2,
+                "n_group",
+                "noaux_tc ranks groups by the sum of their top-2 scores, so each group needs >= 2 experts",
+            )
+        need(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            f"must lie in [0, num_hidden_layers={self.num_hidden_layers}]",
+        )
+        need(
+            self.moe_layer_freq == 1,
+            "moe_layer_freq",
+            f"only 1 is supported (every layer after the dense ones is MoE, as in all released "
+            f"DeepSeek-V2/V3 models); got {self.moe_layer_freq}",
+        )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.rope_theta > 0, "rope_theta", "must be positive")
@@ -212,73 +251,154 @@ class ModelConfig:
     def deepseek_v3(cls, **overrides) -> ModelConfig:
         """DeepSeek-V3 / R1, 671B total (37B active), with one MTP module."""
         base = dict(
-            vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-            num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-            n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
-            topk_method=TopkMethod.NOAUX_TC, scoring_func=ScoringFunc.SIGMOID, norm_topk_prob=True,
-            routed_scaling_factor=2.5, first_k_dense_replace=3, num_nextn_predict_layers=1,
-            max_position_embeddings=163840, bos_token_id=0, eos_token_id=1,
-            rope_scaling=YarnScaling(factor=40.0, original_max_position_embeddings=4096, mscale=1.0,
-                                     mscale_all_dim=1.0),
-        )  # fmt: skip
+            vocab_size=129280,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_hidden_layers=61,
+            num_attention_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            n_routed_experts=256,
+            n_shared_experts=1,
+            num_experts_per_tok=8,
+            n_group=8,
+            topk_group=4,
+            topk_method=TopkMethod.NOAUX_TC,
+            scoring_func=ScoringFunc.SIGMOID,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=3,
+            num_nextn_predict_layers=1,
+            max_position_embeddings=163840,
+            bos_token_id=0,
+            eos_token_id=1,
+            rope_scaling=YarnScaling(
+                factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0
+            ),
+        )
         return cls(**{**base, **overrides})
 
     @classmethod
     def deepseek_v2(cls, **overrides) -> ModelConfig:
         """DeepSeek-V2, 236B total (21B active)."""
         base = dict(
-            vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-            num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-            n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3,
-            topk_method=TopkMethod.GROUP_LIMITED_GREEDY, scoring_func=ScoringFunc.SOFTMAX,
-            routed_scaling_factor=16.0, first_k_dense_replace=1, max_position_embeddings=163840,
-            bos_token_id=100000, eos_token_id=100001, aux_loss_alpha=0.003,
-            rope_scaling=YarnScaling(factor=40.0, original_max_position_embeddings=4096, mscale=0.707,
-                                     mscale_all_dim=0.707),
-        )  # fmt: skip
+            vocab_size=102400,
+            hidden_size=5120,
+            intermediate_size=12288,
+            moe_intermediate_size=1536,
+            num_hidden_layers=60,
+            num_attention_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            n_routed_experts=160,
+            n_shared_experts=2,
+            num_experts_per_tok=6,
+            n_group=8,
+            topk_group=3,
+            topk_method=TopkMethod.GROUP_LIMITED_GREEDY,
+            scoring_func=ScoringFunc.SOFTMAX,
+            routed_scaling_factor=16.0,
+            first_k_dense_replace=1,
+            max_position_embeddings=163840,
+            bos_token_id=100000,
+            eos_token_id=100001,
+            aux_loss_alpha=0.003,
+            rope_scaling=YarnScaling(
+                factor=40.0, original_max_position_embeddings=4096, mscale=0.707, mscale_all_dim=0.707
+            ),
+        )
         return cls(**{**base, **overrides})
 
     @classmethod
     def deepseek_v2_lite(cls, **overrides) -> ModelConfig:
         """DeepSeek-V2-Lite, 15.7B total (2.4B active), no query compression."""
         base = dict(
-            vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-            num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512,
-            n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
-            topk_method=TopkMethod.GREEDY, scoring_func=ScoringFunc.SOFTMAX, routed_scaling_factor=1.0,
-            first_k_dense_replace=1, max_position_embeddings=163840, bos_token_id=100000,
-            eos_token_id=100001, aux_loss_alpha=0.001,
-            rope_scaling=YarnScaling(factor=40.0, original_max_position_embeddings=4096, mscale=0.707,
-                                     mscale_all_dim=0.707),
-        )  # fmt: skip
+            vocab_size=102400,
+            hidden_size=2048,
+            intermediate_size=10944,
+            moe_intermediate_size=1408,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            q_lora_rank=None,
+            kv_lora_rank=512,
+            n_routed_experts=64,
+            n_shared_experts=2,
+            num_experts_per_tok=6,
+            n_group=1,
+            topk_group=1,
+            topk_method=TopkMethod.GREEDY,
+            scoring_func=ScoringFunc.SOFTMAX,
+            routed_scaling_factor=1.0,
+            first_k_dense_replace=1,
+            max_position_embeddings=163840,
+            bos_token_id=100000,
+            eos_token_id=100001,
+            aux_loss_alpha=0.001,
+            rope_scaling=YarnScaling(
+                factor=40.0, original_max_position_embeddings=4096, mscale=0.707, mscale_all_dim=0.707
+            ),
+        )
         return cls(**{**base, **overrides})
 
     @classmethod
     def tiny(cls, **overrides) -> ModelConfig:
         """A test-sized V3-architecture model: MLA with query compression, sigmoid noaux_tc routing, MTP."""
         base = dict(
-            vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-            num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
-            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
-            num_experts_per_tok=2, n_group=4, topk_group=2, topk_method=TopkMethod.NOAUX_TC,
-            scoring_func=ScoringFunc.SIGMOID, norm_topk_prob=True, routed_scaling_factor=2.5,
-            first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=512,
-            bos_token_id=0, eos_token_id=1,
-            rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=128, mscale=1.0,
-                                     mscale_all_dim=1.0),
-        )  # fmt: skip
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            topk_method=TopkMethod.NOAUX_TC,
+            scoring_func=ScoringFunc.SIGMOID,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            num_nextn_predict_layers=1,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=1,
+            rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=1.0),
+        )
         return cls(**{**base, **overrides})
 
     @classmethod
     def tiny_v2(cls, **overrides) -> ModelConfig:
         """A test-sized V2-Lite-architecture model: no query compression, softmax greedy routing."""
         base = dict(
-            vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-            num_hidden_layers=3, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32,
-            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=2,
-            num_experts_per_tok=2, topk_method=TopkMethod.GREEDY, scoring_func=ScoringFunc.SOFTMAX,
-            first_k_dense_replace=1, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
-        )  # fmt: skip
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            topk_method=TopkMethod.GREEDY,
+            scoring_func=ScoringFunc.SOFTMAX,
+            first_k_dense_replace=1,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
         return cls(**{**base, **overrides})
 
 

@@ -78,8 +78,7 @@ class Transformer(nnx.Module):
         if return_mtp and self.mtp is None:
             raise ValueError("return_mtp=True but this model has no MTP modules (num_nextn_predict_layers=0)")
         if isinstance(tokens, jax.core.Tracer):
-            out = self.forward(tokens, positions=positions, segment_ids=segment_ids, return_mtp=return_mtp,
-                               **options)  # fmt: skip
+            out = self.forward(tokens, positions=positions, segment_ids=segment_ids, return_mtp=return_mtp, **options)
         else:
             graphdef, state = nnx.split(self)
             out = _jit_forward(graphdef, state, tokens, positions, segment_ids, return_mtp, **options)
@@ -92,12 +91,17 @@ class Transformer(nnx.Module):
         *,
         positions=None,
         segment_ids=None,
+        input_embeddings=None,
         return_mtp: bool = False,
         attention: str = "naive",
         dispatch: str = "ragged",
         remat: str = "none",
     ) -> ModelOutput:
-        """The pure forward pass (no input checks); see :class:`ModelOutput`."""
+        """The pure forward pass (no input checks); see :class:`ModelOutput`.
+
+        ``input_embeddings [b, t, d]`` replaces the embedding lookup of ``tokens_bt`` for the main stack (e.g.
+        image features spliced in by a vision adapter); the MTP modules still embed the shifted tokens.
+        """
         cfg = self.config
         b, t = tokens_bt.shape
         if positions is None:
@@ -111,7 +115,9 @@ class Transformer(nnx.Module):
         def run(layer, x):
             return layer(x, cos, sin, mask, **kw)
 
-        x = shard(embed_lookup(self.embed[...], tokens_bt, self.dtype), ("batch", "seq", "embed"))
+        if input_embeddings is None:
+            input_embeddings = embed_lookup(self.embed[...], tokens_bt, self.dtype)
+        x = shard(input_embeddings.astype(self.dtype), ("batch", "seq", "embed"))
         if self.dense_layers is not None:
             x, _ = scan_stack(self.dense_layers, x, lambda layer, x: (run(layer, x)[0], None), remat=remat)
         routing = None
@@ -204,8 +210,9 @@ def create_model(
         offset = 0
         for v in drawn:
             old = v.get_value()
-            v.set_value((noise[offset : offset + old.size].reshape(old.shape) * v.get_metadata()["init_std"])
-                        .astype(old.dtype))  # fmt: skip
+            v.set_value(
+                (noise[offset : offset + old.size].reshape(old.shape) * v.get_metadata()["init_std"]).astype(old.dtype)
+            )
             offset += old.size
         return state
 

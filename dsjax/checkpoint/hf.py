@@ -13,21 +13,13 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from dsjax.checkpoint.hf_map import LeafSpec, leaf_spec, mtp_copy_names
-from dsjax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, write_sharded
+from dsjax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, listing, write_sharded
 from dsjax.config import ModelConfig
 from dsjax.hf_config import load_config, save_config
 from dsjax.model import Transformer, abstract_model
 from dsjax.sharding import DEFAULT_RULES, Rules, variable_sharding
 
 log = logging.getLogger(__name__)
-
-_LIST_LIMIT = 20
-
-
-def _listing(names) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
-    return ", ".join(names[:_LIST_LIMIT]) + more
 
 
 def _mtp_keys(keys: set[str], cfg: ModelConfig) -> set[str]:
@@ -64,8 +56,8 @@ def from_pretrained(
       CheckpointError: missing, unexpected or wrongly shaped tensors (all listed), corrupt files.
       ConfigError: an invalid or unsupported config.json.
     """
+    reader = CheckpointReader(path)  # first, so a wrong path reports as such rather than as a missing config
     cfg = load_config(path, **config_overrides)
-    reader = CheckpointReader(path)
     keys = reader.keys()
     mtp_keys = _mtp_keys(keys, cfg)
     if mtp and not mtp_keys:
@@ -73,8 +65,10 @@ def from_pretrained(
     use_mtp = bool(mtp_keys) if mtp is None else mtp
     if cfg.num_nextn_predict_layers and not use_mtp:
         if mtp is None:
-            log.warning("config declares %d MTP layer(s) but the checkpoint has no MTP weights; loading without",
-                        cfg.num_nextn_predict_layers)  # fmt: skip
+            log.warning(
+                "config declares %d MTP layer(s) but the checkpoint has no MTP weights; loading without",
+                cfg.num_nextn_predict_layers,
+            )
         cfg = cfg.replace(num_nextn_predict_layers=0)
     ignored = set() if use_mtp else mtp_keys
 
@@ -86,13 +80,18 @@ def from_pretrained(
     missing = set(expected) - keys
     unexpected = keys - set(expected) - set(copies) - ignored
     if missing or unexpected:
-        parts = [f"missing tensors: {_listing(missing)}" if missing else "",
-                 f"unexpected tensors: {_listing(unexpected)}" if unexpected else ""]  # fmt: skip
+        parts = [
+            f"missing tensors: {listing(missing)}" if missing else "",
+            f"unexpected tensors: {listing(unexpected)}" if unexpected else "",
+        ]
         raise CheckpointError(f"checkpoint at {path} does not match its config: " + "; ".join(p for p in parts if p))
-    wrong = [f"{n} {reader.shape(n)} (expected {s.hf_shape()})" for n, s in expected.items()
-             if reader.shape(n) != s.hf_shape()]  # fmt: skip
+    wrong = [
+        f"{n} {reader.shape(n)} (expected {s.hf_shape()})"
+        for n, s in expected.items()
+        if reader.shape(n) != s.hf_shape()
+    ]
     if wrong:
-        raise CheckpointError(f"tensors with wrong shapes in {path}: {_listing(wrong)}")
+        raise CheckpointError(f"tensors with wrong shapes in {path}: {listing(wrong)}")
 
     by_path = {spec.path: spec for spec in specs}
     for name, leaf in copies.items():
@@ -109,8 +108,10 @@ def _check_copy(reader: CheckpointReader, name: str, spec: LeafSpec) -> None:
     # The MTP layers' embedding / head copies must equal the shared ones that dsjax uses for them.
     main = reader.get(spec.name(()))
     if reader.shape(name) != main.shape or not np.array_equal(reader.get(name), main):
-        raise CheckpointError(f"{name} differs from {spec.name(())}; dsjax shares the main embedding and head "
-                              "with the MTP modules (as DeepSeek-V3 does)")  # fmt: skip
+        raise CheckpointError(
+            f"{name} differs from {spec.name(())}; dsjax shares the main embedding and head "
+            "with the MTP modules (as DeepSeek-V3 does)"
+        )
 
 
 def _assemble(reader: CheckpointReader, spec: LeafSpec, dtype: np.dtype, sharding) -> jax.Array:
@@ -124,8 +125,9 @@ def _assemble(reader: CheckpointReader, spec: LeafSpec, dtype: np.dtype, shardin
         stack_ranges = [range(*b) for b in bounds[: spec.stack_dims]]
         inner = tuple(slice(*b) for b in bounds[spec.stack_dims :])
         out = np.empty([len(r) for r in stack_ranges] + [len(range(*b)) for b in bounds[spec.stack_dims :]], dtype)
-        for pos, idx in zip(itertools.product(*(range(len(r)) for r in stack_ranges)),
-                            itertools.product(*stack_ranges)):  # fmt: skip
+        for pos, idx in zip(
+            itertools.product(*(range(len(r)) for r in stack_ranges)), itertools.product(*stack_ranges)
+        ):
             out[pos] = spec.to_ours(reader.get(spec.name(idx)))[inner].astype(dtype)
         done[bounds] = out
         return out
@@ -153,6 +155,7 @@ def save_pretrained(model: Transformer, path: str, *, dtype=None, max_shard_byte
         if not arr.is_fully_addressable:
             raise NotImplementedError("saving a multi-host model to HF format: convert from an orbax checkpoint")
     specs = {path_: leaf_spec(path_, arr.shape, cfg) for path_, arr in leaves.items()}
+
     def save_dtype(p, arr) -> np.dtype:
         keep = dtype is None or p[-1] in ("router", "routing_bias")  # HF keeps the router in fp32
         return np.dtype(arr.dtype if keep else dtype)
@@ -169,6 +172,11 @@ def save_pretrained(model: Transformer, path: str, *, dtype=None, max_shard_byte
             yield name, np.ascontiguousarray(spec.to_hf(host)).astype(target[p])
 
     main_dtype = np.dtype(dtype) if dtype is not None else np.dtype(leaves[("embed",)].dtype)
-    save_config(cfg, path, torch_dtype={"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-                .get(main_dtype.name, "bfloat16"))  # fmt: skip
+    save_config(
+        cfg,
+        path,
+        torch_dtype={"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+            main_dtype.name, "bfloat16"
+        ),
+    )
     return write_sharded(path, items(), max_shard_bytes=max_shard_bytes)

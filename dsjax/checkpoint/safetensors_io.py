@@ -38,6 +38,13 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
+def listing(names, limit: int = 20) -> str:
+    """A sorted, comma-separated list of names for error messages, cut after ``limit``."""
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file; ``get(name)`` returns a read-only memory-mapped array (no copy)."""
 
@@ -110,8 +117,8 @@ class CheckpointReader:
             weight_map = None
         if not files:
             pickles = [n for n in os.listdir(self.directory) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-            hint = f" (found {pickles}: pickle checkpoints are not loaded; convert them to safetensors)" if pickles else ""
-            raise CheckpointError(f"no .safetensors files in {self.directory}{hint}")
+            hint = f" (found {pickles}: pickle checkpoints are not loaded; convert them to safetensors)"
+            raise CheckpointError(f"no .safetensors files in {self.directory}{hint if pickles else ''}")
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, SafetensorsFile] = {}
         for name in files:
@@ -150,8 +157,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         arr = np.ascontiguousarray(arr)
         if arr.dtype not in _NAMES:
             raise TypeError(f"{name}: dtype {arr.dtype} has no safetensors equivalent")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}  # fmt: skip
+        header[name] = {
+            "dtype": _NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -23,8 +23,14 @@ class DecoderLayer(nnx.Module):
         if moe:
             self.ffn = MoE(cfg, rngs=rngs, param_dtype=param_dtype)
         else:
-            self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, "mlp", rngs=rngs, param_dtype=param_dtype,
-                           std=cfg.initializer_range)  # fmt: skip
+            self.ffn = MLP(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                "mlp",
+                rngs=rngs,
+                param_dtype=param_dtype,
+                std=cfg.initializer_range,
+            )
 
     def __call__(self, x_btd, cos, sin, mask_bts, *, attention="naive", dispatch="ragged"):
         """Returns the new hidden state and, for MoE layers, the routing decision (else None)."""

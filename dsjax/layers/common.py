@@ -37,8 +37,9 @@ class RMSNorm(nnx.Module):
 
 def config_norm(cfg, dim: int, axis_name: str, param_dtype) -> RMSNorm:
     """An RMSNorm with the model's epsilon and numerics profile."""
-    return RMSNorm(dim, axis_name, eps=cfg.rms_norm_eps, weight_in_fp32=cfg.numerics == "official",
-                   param_dtype=param_dtype)  # fmt: skip
+    return RMSNorm(
+        dim, axis_name, eps=cfg.rms_norm_eps, weight_in_fp32=cfg.numerics == "official", param_dtype=param_dtype
+    )
 
 
 class MLP(nnx.Module):

@@ -29,12 +29,18 @@ class MLA(nnx.Module):
         else:
             self.wq_a = param(rngs, (d, cfg.q_lora_rank), ("embed", "q_lora"), param_dtype, std)
             self.q_norm = config_norm(cfg, cfg.q_lora_rank, "q_lora", param_dtype)
-            self.wq_b = param(rngs, (cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"),
-                              param_dtype, std)  # fmt: skip
+            self.wq_b = param(
+                rngs, (cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"), param_dtype, std
+            )
         self.wkv_a = param(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"), param_dtype, std)
         self.kv_norm = config_norm(cfg, cfg.kv_lora_rank, "kv_lora", param_dtype)
-        self.wkv_b = param(rngs, (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
-                           ("kv_lora", "heads", "kv_head"), param_dtype, std)  # fmt: skip
+        self.wkv_b = param(
+            rngs,
+            (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
+            ("kv_lora", "heads", "kv_head"),
+            param_dtype,
+            std,
+        )
         self.wo = param(rngs, (h, cfg.v_head_dim, d), ("heads", "v_head", "embed"), param_dtype, std)
 
     def query(self, x_btd, cos, sin):

@@ -40,8 +40,9 @@ class MoE(nnx.Module):
         combine = moe_ragged if dispatch == "ragged" else moe_dense
         accum = x_md.dtype if self.cfg.numerics == Numerics.OFFICIAL else jnp.float32
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        y_md = combine(x_md, routing.weights_mk, routing.experts_mk, *(w.astype(x_md.dtype) for w in experts),
-                       accum_dtype=accum)  # fmt: skip
+        y_md = combine(
+            x_md, routing.weights_mk, routing.experts_mk, *(w.astype(x_md.dtype) for w in experts), accum_dtype=accum
+        )
         y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "embed"))
         if self.cfg.n_shared_experts:
             y_btd = y_btd + self.shared(x_btd)

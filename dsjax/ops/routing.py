@@ -23,18 +23,18 @@ class Routing(NamedTuple):
 def route(x_md: jax.Array, gate_de: jax.Array, bias_e: jax.Array | None, cfg: ModelConfig) -> Routing:
     """Choose ``num_experts_per_tok`` experts per token and their weights.
 
-    Numerics (``cfg.numerics``): HF computes the gate GEMM and scores in fp32; DeepSeek's official code in bf16,
-    adding the fp32 bias afterwards. Groups outside the kept ``topk_group`` are masked with -inf (official;
-    HF V2 masks softmax scores with 0, which selects the same experts because kept groups hold >= k experts
-    with positive scores).
+    Numerics (``cfg.numerics``): HF computes the gate GEMM and scores in fp32; DeepSeek's official code runs the
+    GEMM in bf16 and the sigmoid on the bf16 logits (softmax in fp32), adding the fp32 bias afterwards. Groups
+    outside the kept ``topk_group`` are masked with -inf (official; HF V2 masks softmax scores with 0, which
+    selects the same experts because kept groups hold >= k experts with positive scores).
     """
     official = cfg.numerics == Numerics.OFFICIAL
     gemm_dtype = jnp.bfloat16 if official else jnp.float32
     logits = jnp.dot(x_md.astype(gemm_dtype), gate_de.astype(gemm_dtype), preferred_element_type=gemm_dtype)
-    if cfg.scoring_func == ScoringFunc.SOFTMAX:
-        scores = jax.nn.softmax(logits, axis=-1)
-    else:
-        scores = jax.nn.sigmoid(logits)
+    if cfg.scoring_func == ScoringFunc.SOFTMAX:  # softmax is taken in fp32 by both references
+        scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    else:  # evaluated in fp32 and rounded once, as torch's bf16 sigmoid does (XLA's bf16 sigmoid is coarser)
+        scores = jax.nn.sigmoid(logits.astype(jnp.float32)).astype(gemm_dtype)
     scores = scores.astype(jnp.float32)
     choice = scores if bias_e is None else scores + bias_e.astype(jnp.float32)[None, :]
 
