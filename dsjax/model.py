@@ -71,8 +71,8 @@ class Transformer(nnx.Module):
         """Logits for ``tokens`` (and MTP logits if ``return_mtp``). Validates the input first.
 
         With concrete inputs the call runs a cached jit-compiled forward; inside a user's ``jax.jit`` it traces
-        :meth:`forward` directly. ``options``: ``attention`` (naive|absorbed), ``dispatch`` (ragged|dense),
-        ``remat`` (none|full|dots).
+        :meth:`forward` directly. ``options``: ``attention`` (naive|absorbed), ``dispatch``
+        (auto|ragged|blocked|dense|ep), ``remat`` (none|full|dots).
         """
         tokens = check_tokens(tokens, self.config)
         if return_mtp and self.mtp is None:
@@ -94,7 +94,7 @@ class Transformer(nnx.Module):
         input_embeddings=None,
         return_mtp: bool = False,
         attention: str = "naive",
-        dispatch: str = "ragged",
+        dispatch: str = "auto",
         remat: str = "none",
     ) -> ModelOutput:
         """The pure forward pass (no input checks); see :class:`ModelOutput`.

@@ -146,3 +146,23 @@ def test_missing_or_broken_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_yaml_configs_equal_presets(name):
+    from dsjax.yaml_config import load_model_config
+
+    assert load_model_config(f"configs/{name}.yaml") == PRESETS[name]()
+
+
+def test_yaml_preset_with_overrides_and_errors(tmp_path):
+    from dsjax.yaml_config import load_model_config
+
+    (tmp_path / "a.yaml").write_text("preset: deepseek_v3\nmodel:\n  num_hidden_layers: 4\n")
+    assert load_model_config(tmp_path / "a.yaml") == ModelConfig.deepseek_v3(num_hidden_layers=4)
+    (tmp_path / "b.yaml").write_text("preset: tiny\nmodel:\n  hiden_size: 4\n")
+    with pytest.raises(ConfigError, match="hiden_size"):
+        load_model_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("preset: tiny\nmodel:\n  num_experts_per_tok: 99\n")
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        load_model_config(tmp_path / "c.yaml")

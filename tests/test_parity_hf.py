@@ -22,10 +22,9 @@ def test_logits_match_hf(case, tmp_path):
     model = dsjax.from_pretrained(path, dtype=jnp.float32)
     tokens = np.random.default_rng(1).integers(0, hf.config.vocab_size, size=(3, 21))
     ref = hf_logits(hf, tokens).numpy()
-    for dispatch in ("ragged", "dense"):
-        for attention in ("naive", "absorbed"):
-            err = rel_err(model(tokens, dispatch=dispatch, attention=attention), ref)
-            assert err <= REL_TOL, f"{case} {dispatch}/{attention}: relative error {err:.2e}"
+    for dispatch, attention in (("ragged", "naive"), ("dense", "absorbed"), ("blocked", "naive")):
+        err = rel_err(model(tokens, dispatch=dispatch, attention=attention), ref)
+        assert err <= REL_TOL, f"{case} {dispatch}/{attention}: relative error {err:.2e}"
 
 
 def test_hf_loads_what_we_save(tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import dsjax
 from dsjax.layers.moe import MoE
 from dsjax.ops.attention import attention_mask, mla_absorbed, mla_naive
-from dsjax.ops.moe import moe_dense, moe_ragged
+from dsjax.ops.moe import moe_blocked, moe_dense, moe_ragged
 from dsjax.ops.routing import route
 
 CFG = dsjax.ModelConfig.tiny(initializer_range=0.1)
@@ -80,8 +80,8 @@ def test_moe_permutation_equivariant(m, seed):
 
 
 @jax.jit
-def _both_dispatch(*args):
-    return moe_ragged(*args), moe_dense(*args)
+def _all_dispatch(*args):
+    return moe_ragged(*args), moe_dense(*args), moe_blocked(*args, block=4)
 
 
 @given(
@@ -92,7 +92,7 @@ def _both_dispatch(*args):
     seed=st.integers(0, 2**16),
 )
 @HYP
-def test_ragged_dispatch_equals_dense(m, e, k, skew, seed):
+def test_ragged_and_blocked_dispatch_equal_dense(m, e, k, skew, seed):
     k = min(k, e)
     keys = jax.random.split(jax.random.key(seed), 5)
     d, f = 12, 10
@@ -102,8 +102,9 @@ def test_ragged_dispatch_equals_dense(m, e, k, skew, seed):
     weights = jax.random.uniform(keys[2], (m, k))
     w_gate, w_up = (jax.random.normal(kk, (e, d, f)) * 0.3 for kk in keys[3:5])
     w_down = jax.random.normal(keys[4], (e, f, d)) * 0.3
-    ragged, dense = _both_dispatch(x, weights, experts, w_gate, w_up, w_down)
+    ragged, dense, blocked = _all_dispatch(x, weights, experts, w_gate, w_up, w_down)
     chex.assert_trees_all_close(ragged, dense, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(blocked, dense, atol=1e-5, rtol=1e-5)
 
 
 @jax.jit

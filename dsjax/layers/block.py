@@ -32,7 +32,7 @@ class DecoderLayer(nnx.Module):
                 std=cfg.initializer_range,
             )
 
-    def __call__(self, x_btd, cos, sin, mask_bts, *, attention="naive", dispatch="ragged"):
+    def __call__(self, x_btd, cos, sin, mask_bts, *, attention="naive", dispatch="auto"):
         """Returns the new hidden state and, for MoE layers, the routing decision (else None)."""
         x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, attention)
         x_btd = shard(x_btd, ("batch", "seq", "embed"))
@@ -61,7 +61,7 @@ class MTPLayer(nnx.Module):
         self.layer = DecoderLayer(cfg, moe=True, rngs=rngs, param_dtype=param_dtype)
         self.head_norm = config_norm(cfg, d, "embed", param_dtype)
 
-    def __call__(self, h_prev_btd, emb_next_btd, cos, sin, mask_bts, *, attention="naive", dispatch="ragged"):
+    def __call__(self, h_prev_btd, emb_next_btd, cos, sin, mask_bts, *, attention="naive", dispatch="auto"):
         """Returns ``(h^k, normed h^k for the output head, routing)``."""
         x = jnp.concatenate([self.enorm(emb_next_btd), self.hnorm(h_prev_btd)], axis=-1)
         x = x @ self.eh_proj[...].astype(x.dtype)

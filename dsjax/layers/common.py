@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsjax.ops.moe import swiglu
 from dsjax.ops.norm import rms_norm
 
 M = TypeVar("M", bound=nnx.Module)
@@ -53,7 +54,7 @@ class MLP(nnx.Module):
     def __call__(self, x_btd):
         gate = x_btd @ self.w_gate[...].astype(x_btd.dtype)
         up = x_btd @ self.w_up[...].astype(x_btd.dtype)
-        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(x_btd.dtype)
+        return swiglu(gate, up) @ self.w_down[...].astype(x_btd.dtype)
 
 
 def stacked(n: int, make: Callable[[nnx.Rngs], M], rngs: nnx.Rngs) -> M:

@@ -1,15 +1,30 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts (V3 eqs 12-16)."""
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig, Numerics
 from dsjax.layers.common import MLP, RoutingBias, param
-from dsjax.ops.moe import moe_dense, moe_ragged
+from dsjax.ops.ep import moe_expert_parallel
+from dsjax.ops.moe import moe_blocked, moe_dense, moe_ragged
 from dsjax.ops.routing import Routing, route
 from dsjax.sharding import shard
 
-DISPATCH_IMPLS = ("ragged", "dense")
+# ragged: sort + grouped matmul on each device; dense: every expert on every token (reference);
+# blocked: block-padded batched matmul, the fast path on CPU; ep: expert parallelism, tokens exchanged by
+# all-to-all over the `expert` mesh axis inside shard_map.
+_COMBINE = {"ragged": moe_ragged, "dense": moe_dense, "blocked": moe_blocked, "ep": moe_expert_parallel}
+DISPATCH_IMPLS = ("auto", *_COMBINE)
+
+
+def resolve_dispatch(dispatch: str) -> str:
+    """``auto`` picks ``blocked`` on CPU (where XLA's ragged_dot is slow) and ``ragged`` on accelerators."""
+    if dispatch not in DISPATCH_IMPLS:
+        raise ValueError(f"dispatch={dispatch!r}; choose one of {DISPATCH_IMPLS}")
+    if dispatch == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return dispatch
 
 
 class MoE(nnx.Module):
@@ -30,14 +45,14 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts:
             self.shared = MLP(d, cfg.shared_intermediate_size, "moe_mlp", rngs=rngs, param_dtype=param_dtype, std=std)
 
-    def __call__(self, x_btd, dispatch: str = "ragged") -> tuple[jnp.ndarray, Routing]:
-        if dispatch not in DISPATCH_IMPLS:
-            raise ValueError(f"dispatch={dispatch!r}; choose one of {DISPATCH_IMPLS}")
+    def __call__(self, x_btd, dispatch: str = "auto") -> tuple[jnp.ndarray, Routing]:
+        dispatch = resolve_dispatch(dispatch)
         b, t, d = x_btd.shape
-        x_md = x_btd.reshape(b * t, d)
+        # Tokens stay on their (data, expert) shard: routing is row-wise, so it runs on local tokens.
+        x_md = shard(x_btd.reshape(b * t, d), ("batch", "embed"))
         bias = self.routing_bias[...] if self.cfg.has_routing_bias else None
         routing = route(x_md, self.router[...], bias, self.cfg)
-        combine = moe_ragged if dispatch == "ragged" else moe_dense
+        combine = _COMBINE[dispatch]
         accum = x_md.dtype if self.cfg.numerics == Numerics.OFFICIAL else jnp.float32
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
         y_md = combine(

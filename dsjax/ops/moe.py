@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _swiglu(gate, up):
+def swiglu(gate, up):
     return jax.nn.silu(gate) * up
 
 
@@ -23,7 +23,7 @@ def moe_ragged(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *
     order = jnp.argsort(flat, stable=True)  # slot ids grouped by expert
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     x_sorted = x_md[order // k]
-    hidden = _swiglu(
+    hidden = swiglu(
         jax.lax.ragged_dot(x_sorted, w_gate_edf, group_sizes), jax.lax.ragged_dot(x_sorted, w_up_edf, group_sizes)
     )
     y_sorted = jax.lax.ragged_dot(hidden, w_down_efd, group_sizes)
@@ -36,6 +36,42 @@ def moe_dense(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *,
     num_experts = w_gate_edf.shape[0]
     combine_me = jnp.zeros((x_md.shape[0], num_experts), accum_dtype)
     combine_me = combine_me.at[jnp.arange(x_md.shape[0])[:, None], experts_mk].add(weights_mk.astype(accum_dtype))
-    hidden = _swiglu(jnp.einsum("md,edf->mef", x_md, w_gate_edf), jnp.einsum("md,edf->mef", x_md, w_up_edf))
+    hidden = swiglu(jnp.einsum("md,edf->mef", x_md, w_gate_edf), jnp.einsum("md,edf->mef", x_md, w_up_edf))
     y_med = jnp.einsum("mef,efd->med", hidden, w_down_efd)
     return jnp.einsum("med,me->md", y_med.astype(accum_dtype), combine_me).astype(x_md.dtype)
+
+
+def moe_blocked(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32,
+                block: int = 64):  # fmt: skip
+    """Dropless grouped matmul as a batched matmul over fixed-size blocks (a CPU fast path).
+
+    Slots are sorted by expert and each expert's run is padded to a multiple of ``block`` rows, so every
+    block belongs to one expert; the blocks then run as one batched matmul against their experts' weights.
+    XLA:CPU lowers ``ragged_dot`` to slow loops, which this avoids. The cost is gathering a copy of the expert
+    weights per block (``blocks * d * f`` values), fine for small models; accelerators should use ``ragged``.
+    """
+    m, k = experts_mk.shape
+    num_experts, d, _ = w_gate_edf.shape
+    slots = m * k
+    flat = experts_mk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    counts = jnp.bincount(flat, length=num_experts)
+    padded = (counts + block - 1) // block * block
+    padded_end = jnp.cumsum(padded)
+    sorted_expert = flat[order]
+    rank = jnp.arange(slots) - (jnp.cumsum(counts) - counts)[sorted_expert]
+    row = (padded_end - padded)[sorted_expert] + rank  # each slot's row in the padded layout
+    num_blocks = -(-(slots + num_experts * (block - 1)) // block)  # static bound on the padded rows
+    x_rows = jnp.zeros((num_blocks * block, d), x_md.dtype).at[row].set(x_md[order // k], unique_indices=True)
+    # Blocks past the last expert's region hold zero rows; give them a valid expert id (their output is 0).
+    block_expert = jnp.minimum(
+        jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right"), num_experts - 1
+    )
+    xb = x_rows.reshape(num_blocks, block, d)
+    hidden = swiglu(
+        jnp.einsum("nbd,ndf->nbf", xb, w_gate_edf[block_expert]),
+        jnp.einsum("nbd,ndf->nbf", xb, w_up_edf[block_expert]),
+    )
+    y_rows = jnp.einsum("nbf,nfd->nbd", hidden, w_down_efd[block_expert]).reshape(-1, d)
+    y_slots = jnp.zeros((slots, d), y_rows.dtype).at[order].set(y_rows[row], unique_indices=True).reshape(m, k, d)
+    return jnp.einsum("mkd,mk->md", y_slots.astype(accum_dtype), weights_mk.astype(accum_dtype)).astype(x_md.dtype)

@@ -1,0 +1,178 @@
+"""Run configuration: model + data + train + mesh, as frozen keyword-only dataclasses filled from YAML.
+
+YAML layout (see ``configs/train_tiny.yaml``)::
+
+    model: {preset: tiny, ...ModelConfig fields}
+    data: {...DataConfig fields}
+    train: {...TrainConfig fields}
+    mesh: {data: 1, expert: 1}
+
+``--set section.field=value`` overrides (values parsed as YAML scalars) apply before the dataclasses are built,
+so every override is validated like the file itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import yaml
+
+from dsjax.config import ConfigError, ModelConfig
+from dsjax.layers.moe import DISPATCH_IMPLS
+from dsjax.yaml_config import model_config_from_dict
+
+
+def _check(cond: bool, field: str, msg: str):
+    if not cond:
+        raise ConfigError(f"{field}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation and loss settings (defaults follow DeepSeek-V3 §4.2 where they apply).
+
+    lambda (``mtp_lambda``) weights the MTP loss, alpha (``balance_alpha``) the sequence-wise balance loss,
+    gamma (``bias_gamma``) is the bias update speed of auxiliary-loss-free balancing (0 turns it off).
+    """
+
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3
+    balance_alpha: float = 1e-4
+    bias_gamma: float = 1e-3
+    compute_dtype: str = "float32"  # bf16 on accelerators; fp32 is faster on CPU
+    moment_dtype: str = "float32"
+    remat: str = "none"
+    dispatch: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    max_nonfinite_run: int = 5
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints", "log_every"):
+            _check(getattr(self, name) > 0, f"train.{name}", "must be positive")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must lie in [0, 1]")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "train.b1/b2", "must lie in [0, 1)")
+        _check(self.grad_clip > 0, "train.grad_clip", "must be positive")
+        for name in ("mtp_lambda", "balance_alpha", "bias_gamma", "weight_decay"):
+            _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+        for name in ("compute_dtype", "moment_dtype"):
+            _check(getattr(self, name) in ("float32", "bfloat16"), f"train.{name}", "float32 or bfloat16")
+        _check(self.remat in ("none", "full", "dots"), "train.remat", "none, full or dots")
+        _check(self.dispatch in DISPATCH_IMPLS, "train.dispatch", f"one of {DISPATCH_IMPLS}")
+        _check(self.max_nonfinite_run > 0, "train.max_nonfinite_run", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where documents come from and how they are prepared."""
+
+    corpus: str = "default"  # "default" = the embedded corpus, or a path to a .txt/.jsonl file of documents
+    tokenizer: str = "byte"  # "byte" or a path to an HF tokenizer.json
+    fim_rate: float = 0.1
+    num_docs: int = 4000
+
+    def __post_init__(self):
+        _check(0 <= self.fim_rate <= 1, "data.fim_rate", "must lie in [0, 1]")
+        _check(self.num_docs > 0, "data.num_docs", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh: ``data`` x ``expert`` (their product must equal the number of devices)."""
+
+    data: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        _check(self.data > 0 and self.expert > 0, "mesh", "axis sizes must be positive")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        _check(
+            self.train.batch_size % (self.mesh.data * self.mesh.expert) == 0,
+            "train.batch_size",
+            f"{self.train.batch_size} is not divisible by the {self.mesh.data}x{self.mesh.expert} mesh",
+        )
+        _check(
+            self.train.seq_len <= self.model.max_position_embeddings,
+            "train.seq_len",
+            f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}",
+        )
+
+
+def _build(cls, section: str, values: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{section}: unknown fields {sorted(unknown)}")
+    return cls(**values)
+
+
+def run_config_from_dict(d: dict) -> RunConfig:
+    unknown = set(d) - {"model", "data", "train", "mesh"}
+    if unknown:
+        raise ConfigError(f"unknown sections {sorted(unknown)} (expected model, data, train, mesh)")
+    model = dict(d.get("model") or {})
+    preset = model.pop("preset", None)
+    return RunConfig(
+        model=model_config_from_dict({"preset": preset, "model": model} if preset else {"model": model}),
+        data=_build(DataConfig, "data", d.get("data") or {}),
+        train=_build(TrainConfig, "train", d.get("train") or {}),
+        mesh=_build(MeshConfig, "mesh", d.get("mesh") or {}),
+    )
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``section.field=value`` strings to a nested dict (values parsed as YAML scalars)."""
+    d = {k: dict(v or {}) for k, v in d.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        d.setdefault(section, {})[field] = yaml.safe_load(value)
+    return d
+
+
+def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a run YAML (or start from defaults with the tiny model when ``path`` is None) and apply overrides."""
+    d: dict = {"model": {"preset": "tiny"}}
+    if path is not None:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    return run_config_from_dict(apply_overrides(d, list(overrides)))
+
+
+def run_config_to_dict(cfg: RunConfig) -> dict:
+    """Plain dict of every field (for writing next to checkpoints and for logs)."""
+    from dsjax.yaml_config import model_config_to_dict
+
+    return {
+        "model": model_config_to_dict(cfg.model)["model"],
+        "data": dataclasses.asdict(cfg.data),
+        "train": dataclasses.asdict(cfg.train),
+        "mesh": dataclasses.asdict(cfg.mesh),
+    }

@@ -1,0 +1,143 @@
+"""The pure, jit-compiled pretraining step ``(state, batch) -> (state, metrics)``.
+
+Parameters are fp32 master weights; the forward casts them to the compute dtype. The routing bias is model
+state outside the optimizer: it gets no gradient and no weight decay, and moves by the balancing rule after the
+optimizer step. A step whose loss or gradient norm is not finite changes nothing but the skip counters.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dsjax.config import ModelConfig
+from dsjax.data.pipeline import future_targets
+from dsjax.model import Transformer
+from dsjax.ops.routing import Routing
+from dsjax.train import losses
+from dsjax.train.config import TrainConfig
+from dsjax.train.optim import learning_rate
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer steps applied or skipped
+    params: nnx.State  # nnx.Param variables (fp32 master weights)
+    rest: nnx.State  # everything else: the routing biases
+    opt_state: optax.OptState
+    nonfinite_run: jax.Array  # consecutive skipped steps
+    nonfinite_total: jax.Array
+
+
+def init_train_state(model: Transformer, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """Split ``model`` into graphdef + state and initialise the optimizer (jitted, so moments inherit the
+    parameters' shardings)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = jax.jit(tx.init)(params)
+    zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers: the state is donated
+    return graphdef, TrainState(zeros[0], params, rest, opt_state, zeros[1], zeros[2])
+
+
+def _concat_routing(a: Routing | None, b: Routing | None) -> Routing | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return Routing(*(jnp.concatenate([x, y]) for x, y in zip(a, b)))
+
+
+def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainConfig, tx):
+    """The step function (not yet jitted; see :func:`jit_train_step`)."""
+    depth = model_cfg.num_nextn_predict_layers
+    schedule = learning_rate(cfg)
+    use_bias = model_cfg.has_routing_bias and cfg.bias_gamma > 0
+
+    def loss_fn(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        seg = batch["segment_ids"]
+        out = model.forward(
+            batch["tokens"],
+            positions=batch["positions"],
+            segment_ids=seg,
+            return_mtp=depth > 0,
+            dispatch=cfg.dispatch,
+            remat=cfg.remat,
+        )
+        ce_sum, count = losses.cross_entropy(out.logits, *future_targets(batch, 0))
+        ce = ce_sum / jnp.maximum(count, 1)
+        mtp = jnp.zeros(())
+        for k in range(1, depth + 1):  # depth k predicts the token k + 1 places ahead
+            s, n = losses.cross_entropy(out.mtp_logits[k - 1], *future_targets(batch, k))
+            mtp += s / jnp.maximum(n, 1) / depth
+        valid = seg != 0
+        routing = _concat_routing(out.routing, out.mtp_routing)
+        balance = jnp.zeros(())
+        load = None
+        if routing is not None:
+            e, k = model_cfg.n_routed_experts, model_cfg.num_experts_per_tok
+            balance = losses.sequence_balance_loss(routing, valid, e, k)
+            load = losses.expert_load(routing, valid, e)
+        loss = ce + cfg.mtp_lambda * mtp + cfg.balance_alpha * balance
+        return loss, dict(ce=ce, mtp=mtp, balance=balance, load=load, tokens=count)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest, batch)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rest = state.rest
+        if use_bias and aux["load"] is not None:
+            rest = _update_biases(rest, aux["load"], model_cfg, cfg.bias_gamma)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        run = jnp.where(finite, 0, state.nonfinite_run + 1)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            rest=keep_if_finite(rest, state.rest),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            nonfinite_run=run,
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(
+            loss=loss,
+            ce=aux["ce"],
+            mtp=aux["mtp"],
+            balance=aux["balance"],
+            grad_norm=grad_norm,
+            lr=schedule(state.step),
+            finite=finite,
+            tokens=aux["tokens"],
+        )
+        if aux["load"] is not None:
+            metrics["load"] = aux["load"]
+        return new_state, metrics
+
+    return step
+
+
+def _update_biases(rest: nnx.State, load_le: jax.Array, model_cfg: ModelConfig, gamma: float) -> nnx.State:
+    """Apply the sign rule to the MoE stack's biases (first rows of ``load``) and the MTP layers' (last rows)."""
+    n_moe = model_cfg.num_moe_layers
+    rest = jax.tree.map(lambda x: x, rest)  # a copy to update
+    if n_moe:
+        var = rest["moe_layers"]["ffn"]["routing_bias"]
+        var.set_value(losses.bias_update(var.get_value(), load_le[:n_moe], gamma))
+    if model_cfg.num_nextn_predict_layers:
+        var = rest["mtp"]["layer"]["ffn"]["routing_bias"]
+        var.set_value(losses.bias_update(var.get_value(), load_le[n_moe:], gamma))
+    return rest
+
+
+def jit_train_step(step, state_shardings=None, batch_shardings=None):
+    """``jax.jit`` with explicit shardings and the state donated (its buffers are reused for the new state)."""
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
