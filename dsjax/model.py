@@ -117,7 +117,7 @@ class Transformer(nnx.Module):
 
         if input_embeddings is None:
             input_embeddings = embed_lookup(self.embed[...], tokens_bt, self.dtype)
-        x = shard(input_embeddings.astype(self.dtype), ("batch", "seq", "embed"))
+        x = shard(input_embeddings.astype(self.dtype), ("batch", "seq", "act_embed"))
         if self.dense_layers is not None:
             x, _ = scan_stack(self.dense_layers, x, lambda layer, x: (run(layer, x)[0], None), remat=remat)
         routing = None
@@ -145,7 +145,7 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         """The output head (untied from the embedding)."""
-        return shard(hidden_btd @ self.lm_head[...].astype(hidden_btd.dtype), ("batch", "seq", "vocab"))
+        return shard(hidden_btd @ self.lm_head[...].astype(hidden_btd.dtype), ("batch", "seq", "act_vocab"))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_mtp", "attention", "dispatch", "remat"))

@@ -5,9 +5,11 @@ activations are constrained with :func:`shard`. A rules table maps each logical 
 mesh axes absent from the current mesh are dropped, so the same rules serve a 1-device run, a ``data`` x
 ``expert`` mesh and larger meshes alike.
 
-Logical names: ``batch``, ``seq``, ``embed`` (d), ``vocab``, ``heads`` (n_h), ``q_lora`` (d'_c), ``kv_lora``
-(d_c + d_h^R for the joint down-projection, d_c elsewhere), ``qk_head``, ``kv_head``, ``v_head``, ``mlp``
-(dense FFN width), ``moe_mlp`` (expert FFN width), ``experts`` (N_r), ``layers`` (stacked-layer axis), ``norm``.
+Weight axes: ``embed`` (d), ``vocab``, ``heads`` (n_h), ``q_lora`` (d'_c), ``kv_lora`` (d_c + d_h^R for the
+joint down-projection, d_c elsewhere), ``qk_head``, ``kv_head``, ``v_head``, ``mlp`` (dense FFN width),
+``moe_mlp`` (expert FFN width), ``experts`` (N_r), ``mtp_concat`` (2d), ``layers`` (stacked-layer axis).
+Activation axes have their own names (``batch``, ``seq``, ``act_embed``, ``act_vocab``) so that weights can be
+sharded along ``embed`` (FSDP) while activations are sharded along ``batch``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ DEFAULT_RULES: Rules = (
     ("batch", ("data", "expert")),
     ("experts", "expert"),
 )
+# FSDP (ZeRO-3 style): additionally split every weight along its model-width axis over `data`; XLA gathers
+# each weight just before use. Optimizer moments follow the weights' sharding.
+FSDP_RULES: Rules = (*DEFAULT_RULES, ("embed", "data"))
 
 
 def logical_to_spec(

@@ -9,12 +9,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import dsjax
-from dsjax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, state_shardings
+from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, logical_to_spec, make_mesh, state_shardings
 
 
 def test_rules_map_logical_axes_and_reject_collisions():
     mesh = make_mesh(data=2, expert=4)
-    assert logical_to_spec(("batch", "seq", "embed"), DEFAULT_RULES, mesh) == P(("data", "expert"), None, None)
+    assert logical_to_spec(("batch", "seq", "act_embed"), DEFAULT_RULES, mesh) == P(("data", "expert"), None, None)
+    assert logical_to_spec(("experts", "embed", "moe_mlp"), FSDP_RULES, mesh) == P("expert", "data", None)
     assert logical_to_spec(("layers", "experts", "embed", "moe_mlp"), DEFAULT_RULES, mesh) == P(
         None, "expert", None, None
     )

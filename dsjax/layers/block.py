@@ -35,14 +35,14 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x_btd, cos, sin, mask_bts, *, attention="naive", dispatch="auto"):
         """Returns the new hidden state and, for MoE layers, the routing decision (else None)."""
         x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, attention)
-        x_btd = shard(x_btd, ("batch", "seq", "embed"))
+        x_btd = shard(x_btd, ("batch", "seq", "act_embed"))
         h = self.ffn_norm(x_btd)
         routing: Routing | None = None
         if self.is_moe:
             h, routing = self.ffn(h, dispatch)
         else:
             h = self.ffn(h)
-        return shard(x_btd + h, ("batch", "seq", "embed")), routing
+        return shard(x_btd + h, ("batch", "seq", "act_embed")), routing
 
 
 class MTPLayer(nnx.Module):

@@ -49,7 +49,7 @@ class MoE(nnx.Module):
         dispatch = resolve_dispatch(dispatch)
         b, t, d = x_btd.shape
         # Tokens stay on their (data, expert) shard: routing is row-wise, so it runs on local tokens.
-        x_md = shard(x_btd.reshape(b * t, d), ("batch", "embed"))
+        x_md = shard(x_btd.reshape(b * t, d), ("batch", "act_embed"))
         bias = self.routing_bias[...] if self.cfg.has_routing_bias else None
         routing = route(x_md, self.router[...], bias, self.cfg)
         combine = _COMBINE[dispatch]
@@ -58,7 +58,7 @@ class MoE(nnx.Module):
         y_md = combine(
             x_md, routing.weights_mk, routing.experts_mk, *(w.astype(x_md.dtype) for w in experts), accum_dtype=accum
         )
-        y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "embed"))
+        y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "act_embed"))
         if self.cfg.n_shared_experts:
             y_btd = y_btd + self.shared(x_btd)
         return y_btd, routing

@@ -92,10 +92,12 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Device mesh: ``data`` x ``expert`` (their product must equal the number of devices)."""
+    """Device mesh: ``data`` x ``expert`` devices; ``fsdp`` also shards the weights along ``embed`` over
+    ``data`` (see :data:`dsjax.sharding.FSDP_RULES`)."""
 
     data: int = 1
     expert: int = 1
+    fsdp: bool = False
 
     def __post_init__(self):
         _check(self.data > 0 and self.expert > 0, "mesh", "axis sizes must be positive")
@@ -121,12 +123,25 @@ class RunConfig:
         )
 
 
+def _coerce(section: str, field: dataclasses.Field, value):
+    # YAML 1.1 reads "1e-4" (no dot) as a string; numbers are converted by the field's declared type.
+    kind = {"float": float, "int": int, "bool": bool}.get(str(field.type))
+    if kind is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if kind is float and isinstance(value, int | str) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{section}.{field.name}: expected {kind.__name__}, got {value!r}")
+
+
 def _build(cls, section: str, values: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
         raise ConfigError(f"{section}: unknown fields {sorted(unknown)}")
-    return cls(**values)
+    return cls(**{k: _coerce(section, fields[k], v) for k, v in values.items()})
 
 
 def run_config_from_dict(d: dict) -> RunConfig:

@@ -23,7 +23,7 @@ from dsjax.data.corpus import default_corpus, unigram_entropy
 from dsjax.data.pipeline import make_pretrain_iterator
 from dsjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from dsjax.model import create_model
-from dsjax.sharding import make_mesh
+from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, make_mesh
 from dsjax.train.checkpoint import TrainCheckpointer
 from dsjax.train.config import RunConfig, run_config_to_dict
 from dsjax.train.metrics import MetricsLog, load_ratio, plot_run, read_jsonl
@@ -90,7 +90,10 @@ def train(run: RunConfig, out_dir: str, *, resume: bool = True, progress: bool =
         json.dump(run_config_to_dict(run), f, indent=2)
 
     with jax.set_mesh(mesh):
-        model = create_model(run.model, seed=tc.seed, mesh=mesh, dtype=compute_dtype, param_dtype=jnp.float32)
+        rules = FSDP_RULES if run.mesh.fsdp else DEFAULT_RULES
+        model = create_model(
+            run.model, seed=tc.seed, mesh=mesh, rules=rules, dtype=compute_dtype, param_dtype=jnp.float32
+        )
         tx = make_optimizer(tc, nnx.state(model, nnx.Param))
         graphdef, state = init_train_state(model, tx)
         del model

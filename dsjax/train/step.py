@@ -83,7 +83,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
