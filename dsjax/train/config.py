@@ -126,7 +126,7 @@ class RunConfig:
 def _coerce(section: str, field: dataclasses.Field, value):
     # YAML 1.1 reads "1e-4" (no dot) as a string; numbers are converted by the field's declared type.
     kind = {"float": float, "int": int, "bool": bool}.get(str(field.type))
-    if kind is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+    if kind is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
         return value
     if kind is float and isinstance(value, int | str) and not isinstance(value, bool):
         try:
