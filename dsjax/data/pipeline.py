@@ -98,19 +98,7 @@ def make_pretrain_dataset(
     return it
 
 
-def make_pretrain_iterator(
-    docs: Sequence[str],
-    tokenizer: Tokenizer,
-    *,
-    batch_size: int,
-    seq_len: int,
-    seed: int,
-    fim_rate: float = 0.1,
-    num_epochs: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    read_threads: int = 0,
-) -> grain.DatasetIterator:
+def make_pretrain_iterator(docs: Sequence[str], tokenizer: Tokenizer, **options: Any) -> grain.DatasetIterator:
     """Packed pretraining batches for this process, resumable via ``get_state()``/``set_state()``.
 
     Each element is a dict of numpy arrays of shape ``[batch_size // process_count, seq_len]``:
@@ -118,7 +106,7 @@ def make_pretrain_iterator(
     :mod:`dsjax.data.packing` for their exact meaning. In short: train ``logits(tokens)`` against ``targets``
     where ``loss_mask``; pass ``segment_ids`` and ``positions`` to the model so attention stays within a document.
 
-    Args:
+    Args (keyword-only after ``tokenizer``, as for :func:`make_pretrain_dataset`):
       docs: the training documents (e.g. :func:`dsjax.data.corpus.default_corpus`).
       tokenizer: a :class:`~dsjax.data.tokenizer.Tokenizer`.
       batch_size: the global batch size, over all processes.
@@ -136,20 +124,7 @@ def make_pretrain_iterator(
       model checkpoint); ``set_state(state)`` on an iterator built with the same arguments continues exactly
       where the saved one stood, even if ``process_count`` changed in between.
     """
-    return iter(
-        make_pretrain_dataset(
-            docs,
-            tokenizer,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            seed=seed,
-            fim_rate=fim_rate,
-            num_epochs=num_epochs,
-            process_index=process_index,
-            process_count=process_count,
-            read_threads=read_threads,
-        )
-    )
+    return iter(make_pretrain_dataset(docs, tokenizer, **options))
 
 
 def future_targets(batch: Batch, depth: int) -> tuple[np.ndarray, np.ndarray]:

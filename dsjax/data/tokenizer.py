@@ -121,21 +121,12 @@ class HFTokenizer:
         self.vocab_size = max(self.vocab_size, top + 1)
 
     @classmethod
-    def from_file(
-        cls,
-        path: str | os.PathLike,
-        *,
-        bos_token: str = DEEPSEEK_BOS,
-        eos_token: str = DEEPSEEK_EOS,
-        pad_token: str | None = None,
-        fim_begin_token: str = DEEPSEEK_FIM_BEGIN,
-        fim_hole_token: str = DEEPSEEK_FIM_HOLE,
-        fim_end_token: str = DEEPSEEK_FIM_END,
-    ) -> HFTokenizer:
+    def from_file(cls, path: str | os.PathLike, **special_tokens: str | None) -> HFTokenizer:
         """Loads a ``tokenizer.json``.
 
         Args:
           path: the ``tokenizer.json`` file (a DeepSeek checkpoint directory holds one).
+          special_tokens: as for the constructor:
           bos_token, eos_token: document boundary token strings.
           pad_token: padding token string; ``None`` pads with ``eos_token``'s id.
           fim_begin_token, fim_hole_token, fim_end_token: the PSM sentinel strings.
@@ -145,15 +136,7 @@ class HFTokenizer:
         """
         from tokenizers import Tokenizer as _HFTok  # imported lazily: only needed for real tokenizers
 
-        return cls(
-            _HFTok.from_file(os.fspath(path)),
-            bos_token=bos_token,
-            eos_token=eos_token,
-            pad_token=pad_token,
-            fim_begin_token=fim_begin_token,
-            fim_hole_token=fim_hole_token,
-            fim_end_token=fim_end_token,
-        )
+        return cls(_HFTok.from_file(os.fspath(path)), **special_tokens)
 
     def _require(self, token: str, arg: str) -> int:
         token_id = self._tok.token_to_id(token)

@@ -115,7 +115,10 @@ def train(run: RunConfig, out_dir: str, *, resume: bool = True, progress: bool =
         log = MetricsLog(out_dir, resume_step=start)
         summary = _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress)
     records = read_jsonl(log.path)
-    plot_run(records, out_dir, unigram_entropy=entropy)
+    first = run.model.first_k_dense_replace
+    names = [f"layer {first + i}" for i in range(run.model.num_moe_layers)]
+    names += [f"MTP {k + 1}" for k in range(run.model.num_nextn_predict_layers)]
+    plot_run(records, out_dir, unigram_entropy=entropy, layer_names=names)
     summary.update(unigram_entropy=entropy, out_dir=out_dir)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

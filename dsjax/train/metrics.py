@@ -45,7 +45,9 @@ def load_ratio(load_le: np.ndarray) -> np.ndarray:
     return load_le.max(-1) / np.maximum(load_le.min(-1), 1.0)
 
 
-def plot_run(records: list[dict], out_dir: str, *, unigram_entropy: float | None = None) -> list[str]:
+def plot_run(
+    records: list[dict], out_dir: str, *, unigram_entropy: float | None = None, layer_names: list[str] | None = None
+) -> list[str]:
     """``loss.png`` (cross-entropy, MTP and balance losses) and ``expert_load.png`` (max/min load per layer
     over training, and the final load distribution). Returns the written paths."""
     import matplotlib
@@ -74,16 +76,18 @@ def plot_run(records: list[dict], out_dir: str, *, unigram_entropy: float | None
     if loads:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         ratios = np.stack([load_ratio(load) for _, load in loads])
+        names = layer_names or [f"MoE layer {i}" for i in range(ratios.shape[1])]
         for layer in range(ratios.shape[1]):
-            ax1.plot([s for s, _ in loads], ratios[:, layer], label=f"MoE layer {layer}")
+            ax1.plot([s for s, _ in loads], ratios[:, layer], label=names[layer])
         ax1.set_yscale("log")
         ax1.set_xlabel("step")
         ax1.set_ylabel("max / min expert load")
         ax1.legend(fontsize=7)
         final = loads[-1][1]
-        ax2.imshow(final / final.mean(-1, keepdims=True), aspect="auto", cmap="viridis")
+        image = ax2.imshow(final / final.mean(-1, keepdims=True), aspect="auto", cmap="viridis")
+        fig.colorbar(image, ax=ax2)
+        ax2.set_yticks(range(len(names)), names, fontsize=7)
         ax2.set_xlabel("expert")
-        ax2.set_ylabel("MoE layer")
         ax2.set_title("final load / mean load")
         fig.tight_layout()
         written.append(os.path.join(out_dir, "expert_load.png"))
