@@ -4,7 +4,8 @@
 
 Resumes from the latest checkpoint in ``--out`` unless ``--no-resume``. Writes ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/``, ``loss.png``, ``expert_load.png`` and ``summary.json``. Under several
-processes call with ``--distributed`` (``jax.distributed.initialize`` reads the cluster from the environment).
+processes call with ``--distributed`` (``jax.distributed.initialize`` reads the cluster from the environment)
+or ``--coordinator HOST:PORT --num-processes N --process-id I``; ``--out`` must then be a shared directory.
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/train_tiny", help="output directory")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0 (else detected from the cluster environment)")
+    parser.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
+    parser.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()
+    if args.distributed or args.coordinator:
+        # Without arguments jax detects SLURM, Open MPI, Kubernetes or TPU clusters; elsewhere name them.
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
 
     from dsjax.config import ConfigError
     from dsjax.train.config import load_run_config

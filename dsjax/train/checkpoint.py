@@ -22,8 +22,10 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, every: int, use_async: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
+        # Save every `every` steps (and when forced); orbax's default policy would also save the first step.
+        policy = ocp.checkpoint_managers.FixedIntervalPolicy(every)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=use_async, create=True
+            max_to_keep=keep, save_decision_policy=policy, enable_async_checkpointing=use_async, create=True
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -72,7 +72,8 @@ def train(run: RunConfig, out_dir: str, *, resume: bool = True, progress: bool =
     """Train ``run`` writing checkpoints, ``metrics.jsonl``, TensorBoard logs and plots into ``out_dir``.
 
     With ``resume`` and a checkpoint in ``out_dir/checkpoints``, training continues from it: weights, routing
-    biases, optimizer moments, step and data position are restored, so the losses continue exactly.
+    biases, optimizer moments, step and data position are restored, so the losses continue exactly. Under
+    several processes every process calls this with the same ``out_dir`` on a shared filesystem.
     """
     tc = run.train
     tokenizer = load_tokenizer(run.data.tokenizer)
@@ -83,11 +84,21 @@ def train(run: RunConfig, out_dir: str, *, resume: bool = True, progress: bool =
     docs = load_documents(run.data.corpus, run.data.num_docs, tc.seed)
     entropy = unigram_entropy(tokenizer.encode(d) for d in docs[:2000])
 
+    if jax.process_count() > 1 and run.mesh.data * run.mesh.expert != jax.device_count():
+        # A smaller mesh would take the first processes' devices only and leave the others without batch rows.
+        raise ConfigError(
+            f"mesh: {run.mesh.data}x{run.mesh.expert} must cover all {jax.device_count()} devices of the "
+            f"{jax.process_count()} processes"
+        )
     mesh = make_mesh(run.mesh.data, run.mesh.expert)
     compute_dtype = jnp.dtype(tc.compute_dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "run_config.json"), "w") as f:
-        json.dump(run_config_to_dict(run), f, indent=2)
+    # Every process runs this function; orbax coordinates the checkpoint writes of all processes itself (into
+    # out_dir/checkpoints, which must be one shared directory), and process 0 alone writes the other files.
+    is_writer = jax.process_index() == 0
+    if is_writer:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "run_config.json"), "w") as f:
+            json.dump(run_config_to_dict(run), f, indent=2)
 
     with jax.set_mesh(mesh):
         rules = FSDP_RULES if run.mesh.fsdp else DEFAULT_RULES
@@ -112,16 +123,16 @@ def train(run: RunConfig, out_dir: str, *, resume: bool = True, progress: bool =
             state, data_state = ckpt.restore(state)
             data.set_state(data_state)
             start = int(state.step)
-        log = MetricsLog(out_dir, resume_step=start)
-        summary = _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress)
-    records = read_jsonl(log.path)
-    first = run.model.first_k_dense_replace
-    names = [f"layer {first + i}" for i in range(run.model.num_moe_layers)]
-    names += [f"MTP {k + 1}" for k in range(run.model.num_nextn_predict_layers)]
-    plot_run(records, out_dir, unigram_entropy=entropy, layer_names=names)
+        log = MetricsLog(out_dir, resume_step=start) if is_writer else None
+        summary = _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress and is_writer)
     summary.update(unigram_entropy=entropy, out_dir=out_dir)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if is_writer:
+        first = run.model.first_k_dense_replace
+        names = [f"layer {first + i}" for i in range(run.model.num_moe_layers)]
+        names += [f"MTP {k + 1}" for k in range(run.model.num_nextn_predict_layers)]
+        plot_run(read_jsonl(log.path), out_dir, unigram_entropy=entropy, layer_names=names)
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return RunSummary(**summary)
 
 
@@ -155,7 +166,8 @@ def _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress)
                 if "load" in host:
                     record["load"] = np.asarray(host["load"]).tolist()
                     record["load_ratio_max"] = float(load_ratio(np.asarray(host["load"])).max())
-                log.write(record)
+                if log is not None:  # None on processes other than 0
+                    log.write(record)
                 last = record
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 run_length = int(state.nonfinite_run)
@@ -172,7 +184,8 @@ def _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress)
         bar.close()
         ckpt.wait()
         ckpt.close()
-        log.close()
+        if log is not None:
+            log.close()
     return dict(
         steps=int(state.step),
         final_loss=last.get("loss", float("nan")),
