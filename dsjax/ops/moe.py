@@ -3,6 +3,8 @@
 Expert FFN: ``down(silu(x . W_gate) * (x . W_up))`` with ``w_gate, w_up [e, d, f]`` and ``w_down [e, f, d]``.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -41,8 +43,9 @@ def moe_dense(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *,
     return jnp.einsum("med,me->md", y_med.astype(accum_dtype), combine_me).astype(x_md.dtype)
 
 
-def moe_blocked(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32,
-                block: int = 64):  # fmt: skip
+def moe_blocked(
+    x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32, block: int | None = None
+):
     """Dropless grouped matmul as a batched matmul over fixed-size blocks (a CPU fast path).
 
     Slots are sorted by expert and each expert's run is padded to a multiple of ``block`` rows, so every
@@ -53,6 +56,8 @@ def moe_blocked(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, 
     m, k = experts_mk.shape
     num_experts, d, _ = w_gate_edf.shape
     slots = m * k
+    if block is None:  # about one block per expert on average: few weight copies, little padding
+        block = int(min(256, max(8, 2 ** round(math.log2(max(slots // num_experts, 1))))))
     flat = experts_mk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     counts = jnp.bincount(flat, length=num_experts)
