@@ -377,29 +377,19 @@ class ModelConfig:
     @classmethod
     def tiny_v2(cls, **overrides) -> ModelConfig:
         """A test-sized V2-Lite-architecture model: no query compression, softmax greedy routing."""
-        base = dict(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            moe_intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
+        v2 = dict(
             q_lora_rank=None,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=16,
-            n_routed_experts=8,
             n_shared_experts=2,
-            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
             topk_method=TopkMethod.GREEDY,
             scoring_func=ScoringFunc.SOFTMAX,
-            first_k_dense_replace=1,
-            max_position_embeddings=512,
-            bos_token_id=0,
-            eos_token_id=1,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+            num_nextn_predict_layers=0,
+            rope_scaling=None,
         )
-        return cls(**{**base, **overrides})
+        return cls.tiny(**{**v2, **overrides})
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
