@@ -6,7 +6,7 @@ human-readable report and returns a dict, which ``--json`` prints as the last li
   forward  full-sequence forward (prefill) tokens/s of dsjax vs HF transformers' DeepseekV3ForCausalLM on the
            same random weights, float32, on the default single CPU device, plus a logit-parity check.
   train    train-step tokens/s and MFU of dsjax vs HF DeepseekV3ForCausalLM + torch AdamW on the same weights
-           and batch (next-token CE, AdamW 0.9/0.95, wd 0.1, clip 1.0), plus a first-step loss check.
+           and batch (next-token CE, AdamW 0.9/0.95, wd 0.1, clip 1.0), plus a check of the loss after one update.
 """
 
 import os
@@ -252,6 +252,9 @@ def train(args: argparse.Namespace) -> dict:
     from dsjax.train.step import init_train_state, jit_train_step, make_train_step
 
     torch.set_num_threads(os.cpu_count())
+    # XLA:CPU flushes denormals to zero; without the same setting torch's AdamW state and gradients drift into
+    # denormals after a few updates and its CPU kernels slow down by an order of magnitude (seen here: 50x).
+    torch.set_flush_denormal(True)
     hf = make_hf(args.config, args.seed).train()
     model = load_same_weights(hf)
     cfg = model.config
@@ -286,8 +289,10 @@ def train(args: argparse.Namespace) -> dict:
         holder["state"], metrics = step(holder["state"], batch)
         return float(metrics["loss"])
 
-    first_loss = {"dsjax": dsjax_step(), "hf": hf_step()}  # compiles dsjax; same weights -> same first loss
-    loss_err = abs(first_loss["dsjax"] - first_loss["hf"]) / abs(first_loss["hf"])
+    # Same weights, batch and optimizer: the loss after one update must agree (this also compiles dsjax). At
+    # initialisation both losses are ~ln(vocab), so the second step is the informative one.
+    losses = {"dsjax": [dsjax_step(), dsjax_step()], "hf": [hf_step(), hf_step()]}
+    loss_err = abs(losses["dsjax"][1] - losses["hf"][1]) / abs(losses["hf"][1])
     times = time_calls({"dsjax": dsjax_step, "hf": hf_step}, args.iters)
     tokens_per_step = args.batch * args.seq
     tps = {k: tokens_per_step / statistics.median(v) for k, v in times.items()}
@@ -299,7 +304,8 @@ def train(args: argparse.Namespace) -> dict:
         ("", "tokens/s", "MFU"),
         [(k, f"{tps[k]:,.0f}", f"{mfu[k]:.1%}") for k in ("dsjax", "hf")],
     )
-    print(f"ratio dsjax/HF: {tps['dsjax'] / tps['hf']:.2f}x; first-step loss rel diff {loss_err:.1e}")
+    print(f"ratio dsjax/HF: {tps['dsjax'] / tps['hf']:.2f}x")
+    print(f"loss after one update: dsjax {losses['dsjax'][1]:.6f}, HF {losses['hf'][1]:.6f} (rel {loss_err:.1e})")
     print(f"model {flops_tok / 1e6:.1f} MFLOP/token (training); XLA float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     return dict(
         mode="train",
@@ -313,9 +319,9 @@ def train(args: argparse.Namespace) -> dict:
         hf_mfu=mfu["hf"],
         model_flops_per_token=flops_tok,
         matmul_peak_flops=peak,
-        first_loss_rel_err=loss_err,
+        second_loss_rel_err=loss_err,
         ok=loss_err <= REL_TOL,
-        failure=f"first-step losses differ by {loss_err:.2e}: the two sides do not train the same model",
+        failure=f"second-step losses differ by {loss_err:.2e}: the two sides do not train the same model",
     )
 
 
