@@ -75,6 +75,9 @@ class Transformer(nnx.Module):
         (auto|ragged|blocked|dense|ep), ``remat`` (none|full|dots).
         """
         tokens = check_tokens(tokens, self.config)
+        for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+            if value is not None and tuple(jnp.shape(value)) != tuple(tokens.shape):
+                raise ValueError(f"{name} has shape {tuple(jnp.shape(value))}, tokens {tuple(tokens.shape)}")
         if return_mtp and self.mtp is None:
             raise ValueError("return_mtp=True but this model has no MTP modules (num_nextn_predict_layers=0)")
         if isinstance(tokens, jax.core.Tracer):

@@ -39,6 +39,11 @@ def test_lists_are_accepted_and_jit_marks_out_of_range_with_nan(model):
     assert np.isfinite(logits[0]).all() and np.isnan(logits[1, 1]).all()
 
 
+def test_mismatched_positions_are_rejected(model):
+    with pytest.raises(ValueError, match="positions has shape"):
+        model([[1, 2, 3]], positions=np.zeros((1, 2), np.int32))
+
+
 def test_unknown_options_are_rejected(model):
     with pytest.raises(ValueError, match="attention="):
         model([[1, 2]], attention="flash")
