@@ -124,7 +124,11 @@ def train(run: RunConfig, out_dir: str, *, resume: bool = True, progress: bool =
             data.set_state(data_state)
             start = int(state.step)
         log = MetricsLog(out_dir, resume_step=start) if is_writer else None
-        summary = _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress and is_writer)
+        # A resumed (or already finished) run reports its last logged step until it logs a new one.
+        previous = read_jsonl(log.path) if is_writer else []
+        summary = _loop(
+            run, state, step_fn, data, ckpt, log, batch_sharding, start, progress and is_writer, previous[-1:]
+        )
     summary.update(unigram_entropy=entropy, out_dir=out_dir)
     if is_writer:
         first = run.model.first_k_dense_replace
@@ -141,12 +145,12 @@ def _to_global(batch: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress) -> dict:
+def _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress, previous) -> dict:
     from tqdm import tqdm
 
     tc = run.train
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
-    tokens_seen, timer, last = 0, time.perf_counter(), {}
+    tokens_seen, timer, last = 0, time.perf_counter(), (previous[0] if previous else {})
     compile_end = None
     try:
         for step in range(start, tc.steps):
