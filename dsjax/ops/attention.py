@@ -41,11 +41,15 @@ def mla_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, *, nope_dim: int):
     Returns:
       ``[b, t, h, v]`` attention output, in ``q_nope.dtype``.
     """
-    kv = jnp.einsum("bsc,chx->bshx", c_kv, wkv_b)
-    k_nope, value = kv[..., :nope_dim], kv[..., nope_dim:]
-    scores = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
-    probs = _softmax(scores * scale, mask).astype(value.dtype)
-    return jnp.einsum("bhts,bshv->bthv", probs, value)
+    # Head-major [b, h, *, *] operands and one score dot over the concatenated nope|rope dims: XLA:CPU otherwise
+    # transposes the [b, h, t, s] score tensor around each of two [b, t, h, *] einsums (17-38% of a forward).
+    b, h = q_nope.shape[0], q_nope.shape[2]
+    s, r = k_pe.shape[1], k_pe.shape[-1]
+    kv = jnp.einsum("bsc,chx->bhsx", c_kv, wkv_b)
+    k = jnp.concatenate([kv[..., :nope_dim], jnp.broadcast_to(k_pe[:, None], (b, h, s, r))], axis=-1)
+    q = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
+    probs = _softmax(jnp.einsum("bhtx,bhsx->bhts", q, k) * scale, mask).astype(kv.dtype)
+    return jnp.einsum("bhts,bhsv->bhtv", probs, kv[..., nope_dim:]).transpose(0, 2, 1, 3)
 
 
 def mla_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, *, nope_dim: int):
