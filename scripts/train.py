@@ -11,6 +11,7 @@ or ``--coordinator HOST:PORT --num-processes N --process-id I``; ``--out`` must 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -46,14 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
-        print(json.dumps(dataclasses_asdict(summary), indent=2))
+        print(json.dumps(dataclasses.asdict(summary), indent=2))
     return 0
-
-
-def dataclasses_asdict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import yaml
 
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.layers.moe import DISPATCH_IMPLS
-from dsjax.yaml_config import model_config_from_dict
+from dsjax.yaml_config import model_config_from_dict, model_config_to_dict
 
 
 def _check(cond: bool, field: str, msg: str):
@@ -183,8 +183,6 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -
 
 def run_config_to_dict(cfg: RunConfig) -> dict:
     """Plain dict of every field (for writing next to checkpoints and for logs)."""
-    from dsjax.yaml_config import model_config_to_dict
-
     return {
         "model": model_config_to_dict(cfg.model)["model"],
         "data": dataclasses.asdict(cfg.data),

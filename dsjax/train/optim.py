@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -30,7 +29,7 @@ def decay_mask(params: nnx.State):
 def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransformation:
     """``clip_by_global_norm(grad_clip)`` then AdamW(b1, b2, weight_decay); first moments in
     ``moment_dtype`` (bf16 halves their memory, as DeepSeek-V3 does; second moments stay fp32)."""
-    mask = jax.tree.map(lambda v: v, decay_mask(params))
+    mask = decay_mask(params)
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(

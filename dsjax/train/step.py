@@ -76,7 +76,8 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
         load = None
         if routing is not None:
             e, k = model_cfg.n_routed_experts, model_cfg.num_experts_per_tok
-            balance = losses.sequence_balance_loss(routing, valid, e, k)
+            if cfg.balance_alpha > 0:  # its one-hot over [layers, tokens, k, experts] is not free
+                balance = losses.sequence_balance_loss(routing, valid, e, k)
             load = losses.expert_load(routing, valid, e)
         loss = ce + cfg.mtp_lambda * mtp + cfg.balance_alpha * balance
         return loss, dict(ce=ce, mtp=mtp, balance=balance, load=load, tokens=count)
