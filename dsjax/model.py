@@ -110,9 +110,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask = attention_mask(positions, positions, segment_ids, segment_ids)
-        inv_freq = inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
-        factor = cfg.rope_scaling.attention_factor if cfg.rope_scaling is not None else 1.0
-        cos, sin = rope_angles(positions, inv_freq, factor)
+        cos, sin = self.rope(positions)
         kw = dict(attention=attention, dispatch=dispatch)
 
         def run(layer, x):
@@ -145,6 +143,13 @@ class Transformer(nnx.Module):
             # The first module reads the main model's final-norm output (the released weights' convention).
             _, (mtp_logits, mtp_routing) = jax.lax.scan(mtp_step, hidden, (state, emb_next))
         return ModelOutput(logits, mtp_logits, hidden, routing, mtp_routing)
+
+    def rope(self, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """RoPE ``(cos, sin)`` tables for integer positions (YaRN-scaled when the config says so)."""
+        cfg = self.config
+        inv_freq = inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        factor = cfg.rope_scaling.attention_factor if cfg.rope_scaling is not None else 1.0
+        return rope_angles(positions_bt, inv_freq, factor)
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         """The output head (untied from the embedding)."""

@@ -81,11 +81,12 @@ def test_moe_permutation_equivariant(m, seed):
 
 @jax.jit
 def _all_dispatch(*args):
-    return moe_ragged(*args), moe_dense(*args), moe_blocked(*args, block=4)
+    # block=None: the automatic size, down to 1-row blocks when there are fewer slots than experts (decoding)
+    return moe_ragged(*args), moe_dense(*args), moe_blocked(*args, block=4), moe_blocked(*args)
 
 
 @given(
-    m=st.sampled_from([1, 32]),
+    m=st.sampled_from([1, 2, 32]),
     e=st.sampled_from([1, 8]),
     k=st.sampled_from([1, 3]),
     skew=st.booleans(),
@@ -102,9 +103,10 @@ def test_ragged_and_blocked_dispatch_equal_dense(m, e, k, skew, seed):
     weights = jax.random.uniform(keys[2], (m, k))
     w_gate, w_up = (jax.random.normal(kk, (e, d, f)) * 0.3 for kk in keys[3:5])
     w_down = jax.random.normal(keys[4], (e, f, d)) * 0.3
-    ragged, dense, blocked = _all_dispatch(x, weights, experts, w_gate, w_up, w_down)
+    ragged, dense, blocked, blocked_auto = _all_dispatch(x, weights, experts, w_gate, w_up, w_down)
     chex.assert_trees_all_close(ragged, dense, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(blocked, dense, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(blocked_auto, dense, atol=1e-5, rtol=1e-5)
 
 
 @jax.jit

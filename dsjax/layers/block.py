@@ -32,9 +32,12 @@ class DecoderLayer(nnx.Module):
                 std=cfg.initializer_range,
             )
 
-    def __call__(self, x_btd, cos, sin, mask_bts, *, attention="naive", dispatch="auto"):
-        """Returns the new hidden state and, for MoE layers, the routing decision (else None)."""
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, attention)
+    def __call__(self, x_btd, cos, sin, mask_bts, *, attention="naive", dispatch="auto", kv_fn=None):
+        """Returns the new hidden state and, for MoE layers, the routing decision (else None).
+
+        ``kv_fn`` is the attention's cache hook (see :meth:`MLA.__call__`); None attends within ``x``.
+        """
+        x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, attention, kv_fn)
         x_btd = shard(x_btd, ("batch", "seq", "act_embed"))
         h = self.ffn_norm(x_btd)
         routing: Routing | None = None
@@ -61,11 +64,11 @@ class MTPLayer(nnx.Module):
         self.layer = DecoderLayer(cfg, moe=True, rngs=rngs, param_dtype=param_dtype)
         self.head_norm = config_norm(cfg, d, "embed", param_dtype)
 
-    def __call__(self, h_prev_btd, emb_next_btd, cos, sin, mask_bts, *, attention="naive", dispatch="auto"):
+    def __call__(self, h_prev_btd, emb_next_btd, cos, sin, mask_bts, *, attention="naive", dispatch="auto", kv_fn=None):
         """Returns ``(h^k, normed h^k for the output head, routing)``."""
         x = jnp.concatenate([self.enorm(emb_next_btd), self.hnorm(h_prev_btd)], axis=-1)
         x = x @ self.eh_proj[...].astype(x.dtype)
-        h, routing = self.layer(x, cos, sin, mask_bts, attention=attention, dispatch=dispatch)
+        h, routing = self.layer(x, cos, sin, mask_bts, attention=attention, dispatch=dispatch, kv_fn=kv_fn)
         return h, self.head_norm(h), routing
 
 

@@ -66,7 +66,12 @@ class MLA(nnx.Module):
         out = core(q_nope, q_pe, c_kv, k_pe, wkv_b, mask_bts, self.scale, nope_dim=self.nope_dim)
         return jnp.einsum("bthv,hvd->btd", out, self.wo[...].astype(out.dtype))
 
-    def __call__(self, x_btd, cos, sin, mask_bts, impl: str = "naive"):
+    def __call__(self, x_btd, cos, sin, mask_bts, impl: str = "naive", kv_fn=None):
+        """Self-attention of ``x``. With ``kv_fn(c_kv, k_pe) -> (c_kv, k_pe)`` (decoding), the new latents go
+        through it first, which stores them in a cache and returns the latents to attend over; ``mask_bts``
+        must then match what it returns."""
         q_nope, q_pe = self.query(x_btd, cos, sin)
         c_kv, k_pe = self.latent(x_btd, cos, sin)
+        if kv_fn is not None:
+            c_kv, k_pe = kv_fn(c_kv, k_pe)
         return self.attend(q_nope, q_pe, c_kv, k_pe, mask_bts, impl)

@@ -57,7 +57,7 @@ def moe_blocked(
     num_experts, d, _ = w_gate_edf.shape
     slots = m * k
     if block is None:  # about one block per expert on average: few weight copies, little padding
-        block = int(min(256, max(8, 2 ** round(math.log2(max(slots // num_experts, 1))))))
+        block = int(min(256, 2 ** round(math.log2(max(slots // num_experts, 1)))))
     flat = experts_mk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     counts = jnp.bincount(flat, length=num_experts)
@@ -66,7 +66,8 @@ def moe_blocked(
     sorted_expert = flat[order]
     rank = jnp.arange(slots) - (jnp.cumsum(counts) - counts)[sorted_expert]
     row = (padded_end - padded)[sorted_expert] + rank  # each slot's row in the padded layout
-    num_blocks = -(-(slots + num_experts * (block - 1)) // block)  # static bound on the padded rows
+    # Static bound on the blocks: sum_e ceil(c_e / block) over at most min(e, slots) experts with c_e > 0.
+    num_blocks = (slots + min(num_experts, slots) * (block - 1)) // block
     x_rows = jnp.zeros((num_blocks * block, d), x_md.dtype).at[row].set(x_md[order // k], unique_indices=True)
     # Blocks past the last expert's region hold zero rows; give them a valid expert id (their output is 0).
     block_expert = jnp.minimum(

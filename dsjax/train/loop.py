@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dsjax.checkpoint.hf import save_pretrained
 from dsjax.config import ConfigError
 from dsjax.data.corpus import default_corpus, unigram_entropy
 from dsjax.data.pipeline import make_pretrain_iterator
@@ -69,7 +70,8 @@ class RunSummary:
 
 
 def train(run: RunConfig, out_dir: str, *, resume: bool = True, progress: bool = True) -> RunSummary:
-    """Train ``run`` writing checkpoints, ``metrics.jsonl``, TensorBoard logs and plots into ``out_dir``.
+    """Train ``run`` writing checkpoints, ``metrics.jsonl``, TensorBoard logs, plots and the final weights in HF
+    format (``out_dir/hf``, single-process runs) into ``out_dir``.
 
     With ``resume`` and a checkpoint in ``out_dir/checkpoints``, training continues from it: weights, routing
     biases, optimizer moments, step and data position are restored, so the losses continue exactly. Under
@@ -126,9 +128,12 @@ def train(run: RunConfig, out_dir: str, *, resume: bool = True, progress: bool =
         log = MetricsLog(out_dir, resume_step=start) if is_writer else None
         # A resumed (or already finished) run reports its last logged step until it logs a new one.
         previous = read_jsonl(log.path) if is_writer else []
-        summary = _loop(
+        summary, state = _loop(
             run, state, step_fn, data, ckpt, log, batch_sharding, start, progress and is_writer, previous[-1:]
         )
+        if jax.process_count() == 1:  # multi-host runs convert the orbax checkpoint instead (scripts/convert.py)
+            # The final weights in HF format, for generation, evaluation and other tools (scripts/generate.py).
+            save_pretrained(nnx.merge(graphdef, state.params, state.rest), os.path.join(out_dir, "hf"))
     summary.update(unigram_entropy=entropy, out_dir=out_dir)
     if is_writer:
         first = run.model.first_k_dense_replace
@@ -190,7 +195,7 @@ def _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress,
         ckpt.close()
         if log is not None:
             log.close()
-    return dict(
+    summary = dict(
         steps=int(state.step),
         final_loss=last.get("loss", float("nan")),
         final_ce=last.get("ce", float("nan")),
@@ -198,3 +203,4 @@ def _loop(run, state, step_fn, data, ckpt, log, batch_sharding, start, progress,
         skipped_steps=int(state.nonfinite_total),
         load_ratio=load_ratio(np.asarray(last["load"])).tolist() if "load" in last else [],
     )
+    return summary, state
