@@ -182,7 +182,7 @@ def test_stream_yields_what_generate_returns(drafting_model, speculative):
     prompts = _prompts(seed=5, lengths=(4, 11))
     kw = dict(max_new_tokens=9, stop_tokens=(), speculative=speculative)
     pieces = list(stream(drafting_model, prompts, **kw))
-    joined = [sum((p[i] for p in pieces), []) for i in range(len(prompts))]
+    joined = [[t for p in pieces for t in p[i]] for i in range(len(prompts))]
     assert joined == generate(drafting_model, prompts, **kw)
     assert len(pieces) > 2  # tokens arrive step by step
 
