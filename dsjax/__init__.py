@@ -3,6 +3,7 @@
 from dsjax.checkpoint.hf import from_pretrained, save_pretrained
 from dsjax.checkpoint.safetensors_io import CheckpointError
 from dsjax.config import ConfigError, ModelConfig, Numerics, ScoringFunc, TopkMethod, YarnScaling
+from dsjax.infer import generate, generate_text, stream
 from dsjax.model import ModelOutput, Transformer, abstract_model, count_params, create_model
 
 __all__ = [
@@ -19,5 +20,8 @@ __all__ = [
     "count_params",
     "create_model",
     "from_pretrained",
+    "generate",
+    "generate_text",
     "save_pretrained",
+    "stream",
 ]

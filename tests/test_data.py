@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tok_fixtures import write_tokenizer
 
 from dsjax.data import (
     ROW_KEYS,
@@ -73,26 +74,7 @@ def test_byte_tokenizer_specials():
 
 @pytest.fixture(scope="module")
 def hf_tokenizer_file(tmp_path_factory):
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    specials = [
-        tokenizer_lib.DEEPSEEK_BOS,
-        tokenizer_lib.DEEPSEEK_EOS,
-        tokenizer_lib.DEEPSEEK_FIM_BEGIN,
-        tokenizer_lib.DEEPSEEK_FIM_HOLE,
-        tokenizer_lib.DEEPSEEK_FIM_END,
-    ]
-    tok = HFTok(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(DOCS, trainer=trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return write_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", DOCS)
 
 
 def test_hf_tokenizer(hf_tokenizer_file):

@@ -36,3 +36,18 @@ def test_hf_loads_what_we_save(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="float32").eval()
     tokens = np.random.default_rng(0).integers(0, 256, size=(2, 17))
     assert rel_err(model(tokens), hf_logits(hf, tokens).numpy()) <= REL_TOL
+
+
+@pytest.mark.parametrize("case", ["v3_qlora_yarn", "v2_greedy_yarn"])
+def test_greedy_generation_matches_hf_generate(case, tmp_path):
+    """Cached greedy decoding (absorbed attention over the latent cache) gives HF generate's tokens."""
+    import torch
+
+    hf = make_hf_model(case)
+    model = dsjax.from_pretrained(save_hf(hf, tmp_path / case), dtype=jnp.float32)
+    prompts = np.random.default_rng(2).integers(2, hf.config.vocab_size, size=(3, 11))
+    with torch.no_grad():
+        ref = hf.generate(torch.as_tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                          max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)  # fmt: skip
+    ours = dsjax.generate(model, prompts.tolist(), max_new_tokens=16, stop_tokens=())
+    assert ours == ref[:, prompts.shape[1] :].tolist()

@@ -147,8 +147,13 @@ class HFTokenizer:
             )
         return token_id
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token string (e.g. a special token), or None if the vocabulary lacks it."""
+        return self._tok.token_to_id(token)
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; no BOS/EOS (post-processor templates are skipped)."""
+        """Token ids of ``text``; no BOS/EOS (post-processor templates are skipped). Special tokens written in
+        the text (e.g. a chat template's) are encoded as their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_array(self, text: str) -> np.ndarray:
