@@ -34,6 +34,8 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=3, help="timed calls per side (the median is reported)")
     p.add_argument("--mtp-checkpoint", default=DEFAULT_MTP_CHECKPOINT, help="HF dir of an MTP-trained model")
     p.add_argument("--mtp-steps", type=int, default=300, help="training steps if --mtp-checkpoint is absent")
+    p.add_argument("--spec-new-tokens", type=int, default=256, help="new tokens per row in the speculative part")
+    p.add_argument("--spec-iters", type=int, default=5, help="timed calls per side in the speculative part")
     p.add_argument("--skip-mtp", action="store_true", help="only the comparison with HF")
 
 
@@ -95,18 +97,18 @@ def _speculative(args, batches: list[int]) -> tuple[dict, list[dict]]:
     # Held-out documents: the training corpus is drawn with seed 0 (train.seed); these come from another seed.
     docs = [d for d in default_corpus(num_docs=400, seed=12345) if len(tok.encode(d)) > args.prompt_len]
     rows = []
-    kw = dict(max_new_tokens=args.new_tokens, stop_tokens=(), return_result=True)
+    n = args.spec_new_tokens
+    kw = dict(max_new_tokens=n, stop_tokens=(), return_result=True)
     for batch in batches:
         prompts = [tok.encode(d)[: args.prompt_len] for d in docs[:batch]]
         calls = {"plain": lambda p=prompts: generate(model, p, **kw),
                  "speculative": lambda p=prompts: generate(model, p, speculative=True, **kw)}  # fmt: skip
         results = {k: f() for k, f in calls.items()}  # compile both
-        times = time_calls(calls, args.iters)
+        times = time_calls(calls, args.spec_iters)
         plain_s, spec_s = statistics.median(times["plain"]), statistics.median(times["speculative"])
         spec = results["speculative"]
         rows.append(dict(batch=batch, acceptance=spec.acceptance_rate, speedup=plain_s / spec_s,
-                         plain_tokens_per_s=batch * args.new_tokens / plain_s,
-                         speculative_tokens_per_s=batch * args.new_tokens / spec_s,
+                         plain_tokens_per_s=batch * n / plain_s, speculative_tokens_per_s=batch * n / spec_s,
                          tokens_per_step=sum(map(len, spec.tokens)) / batch / (spec.decode_steps + 1),
                          identical=results["plain"].tokens == spec.tokens))  # fmt: skip
     return dict(checkpoint=source), rows
@@ -135,7 +137,7 @@ def decode(args: argparse.Namespace) -> dict:
                   vs_hf=vs_hf, ratio=min(r["ratio"] for r in vs_hf), **info)  # fmt: skip
     if not args.skip_mtp:
         meta, spec = _speculative(args, batches)
-        print(f"\nMTP speculative decoding, greedy, model {meta['checkpoint']}")
+        print(f"\nMTP speculative decoding, greedy, {args.spec_new_tokens} new tokens, model {meta['checkpoint']}")
         print_table(
             ("batch", "acceptance", "tokens/step", "plain tok/s", "speculative tok/s", "speedup", "identical"),
             [(r["batch"], f"{r['acceptance']:.1%}", f"{r['tokens_per_step']:.2f}", f"{r['plain_tokens_per_s']:,.0f}",

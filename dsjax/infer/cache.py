@@ -38,9 +38,10 @@ class KVCache(NamedTuple):
         k_pe = self.k_pe.at[layer, rows, positions_bt].set(k_pe_btr.astype(self.k_pe.dtype))
         return KVCache(shard(c_kv, CACHE_AXES), shard(k_pe, CACHE_AXES))
 
-    def read(self, layer) -> tuple[jax.Array, jax.Array]:
-        """``(c_kv [b, S, c], k_pe [b, S, r])`` of one layer."""
-        return self.c_kv[layer], self.k_pe[layer]
+    def read(self, layer, window: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """``(c_kv [b, W, c], k_pe [b, W, r])`` of one layer: its first ``window`` slots (default: all)."""
+        w = self.num_slots if window is None else window
+        return self.c_kv[layer, :, :w], self.k_pe[layer, :, :w]
 
 
 def init_cache(num_layers: int, batch: int, num_slots: int, cfg: ModelConfig, dtype) -> KVCache:

@@ -141,10 +141,11 @@ def _prefill(static: _Static, state, tokens_bt, lengths_b, active_b, stop_ids, m
     )  # fmt: skip
 
 
-def _plain_step(model, static: _Static, s: DecodeState, stop_ids, max_new) -> DecodeState:
+def _plain_step(model, static: _Static, s: DecodeState, stop_ids, max_new, window: int) -> DecodeState:
     logits, _, cache = forward_cached(
-        model, s.token[:, None], s.position[:, None], s.cache, attention=static.attention, dispatch=static.dispatch
-    )
+        model, s.token[:, None], s.position[:, None], s.cache, window=window, attention=static.attention,
+        dispatch=static.dispatch,
+    )  # fmt: skip
     new = sample(logits[:, 0], step_keys(s.keys, s.step), static.sampling)
     active = ~s.done
     out = _emit(s.out, s.count, new, active)
@@ -156,12 +157,12 @@ def _plain_step(model, static: _Static, s: DecodeState, stop_ids, max_new) -> De
     )  # fmt: skip
 
 
-def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new) -> DecodeState:
+def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new, window: int) -> DecodeState:
     rows = jnp.arange(s.token.shape[0])
     tokens = jnp.stack([s.token, s.draft], axis=1)
     positions = jnp.stack([s.position, s.position + 1], axis=1)
     logits, hidden, cache = forward_cached(
-        model, tokens, positions, s.cache, attention=static.attention, dispatch=static.dispatch
+        model, tokens, positions, s.cache, window=window, attention=static.attention, dispatch=static.dispatch
     )
     k_verify, k_bonus, k_draft = jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(step_keys(s.keys, s.step))
     if static.sampling.greedy:
@@ -185,7 +186,7 @@ def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new)
     # (h_{p+1}, bonus); after a rejection h_{p+1} saw the wrong draft, so its output (and cache slot p + 1, which
     # the next step overwrites) is unused.
     mtp_logits, mtp_cache = mtp_cached(
-        model, hidden, jnp.stack([first, bonus], axis=1), positions, s.mtp_cache,
+        model, hidden, jnp.stack([first, bonus], axis=1), positions, s.mtp_cache, window=window,
         attention=static.attention, dispatch=static.dispatch,
     )  # fmt: skip
     draft, draft_logp = _draft(mtp_logits[rows, second.astype(jnp.int32)], k_draft, static.sampling)
@@ -196,16 +197,38 @@ def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new)
     )  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("dstate",))
-def _decode(static: _Static, state, dstate: DecodeState, stop_ids, max_new, step_limit) -> DecodeState:
-    """Decode until every row is done or ``dstate.step`` reaches ``step_limit``."""
+def _lookahead(static: _Static) -> int:
+    return 2 if static.speculative else 1  # slots a step writes past a row's position: p (and p + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "window"), donate_argnames=("dstate",))
+def _decode(static: _Static, state, dstate: DecodeState, stop_ids, max_new, step_limit, window: int) -> DecodeState:
+    """Decode until every row is done, ``dstate.step`` reaches ``step_limit``, or an active row's next write
+    would leave the attention ``window`` (the caller then continues with a larger one)."""
     model = nnx.merge(static.graphdef, state)
     body = _speculative_step if static.speculative else _plain_step
+
+    def fits(s):
+        return jnp.max(jnp.where(s.done, 0, s.position)) + _lookahead(static) <= window
+
     return jax.lax.while_loop(
-        lambda s: (s.step < step_limit) & ~jnp.all(s.done),
-        lambda s: body(model, static, s, stop_ids, max_new),
+        lambda s: (s.step < step_limit) & ~jnp.all(s.done) & fits(s),
+        lambda s: body(model, static, s, stop_ids, max_new, window),
         dstate,
     )
+
+
+def _run(req: _Request, dstate: DecodeState, step_limit: int) -> tuple[DecodeState, bool]:
+    """Decode up to ``step_limit`` in attention windows that double as the rows grow; True when finished."""
+    while True:
+        position, done, step = jax.device_get((dstate.position, dstate.done, dstate.step))
+        if done.all() or step >= req.max_new:
+            return dstate, True
+        if step >= step_limit:
+            return dstate, False
+        need = int(np.max(np.where(done, 0, position))) + _lookahead(req.static)
+        window = min(req.static.num_slots, _bucket(need, 32))  # powers of two: few compiled variants
+        dstate = _decode(req.static, req.state, dstate, req.stop_ids, req.max_new, step_limit, window)
 
 
 class _Request(NamedTuple):
@@ -347,7 +370,7 @@ def generate(
     t0 = time.perf_counter()
     dstate = jax.block_until_ready(_start(req))
     t1 = time.perf_counter()
-    dstate = _decode(req.static, req.state, dstate, req.stop_ids, req.max_new, req.max_new)
+    dstate, _ = _run(req, dstate, req.max_new)
     tokens = _rows(req, dstate)
     t2 = time.perf_counter()
     if not return_result:
@@ -368,12 +391,11 @@ def stream(model, prompts, **kwargs) -> Iterator[list[list[int]]]:
         raise TypeError(f"unexpected arguments {sorted(unknown)}")
     req = _prepare(model, prompts, **{**defaults, **kwargs})
     dstate = _start(req)
-    seen = [0] * req.num_prompts
+    seen, finished = [0] * req.num_prompts, False
     while True:
         rows = _rows(req, dstate)
         yield [r[n:] for r, n in zip(rows, seen)]
         seen = [len(r) for r in rows]
-        done, step = jax.device_get((dstate.done, dstate.step))
-        if done.all() or step >= req.max_new:
+        if finished:
             return
-        dstate = _decode(req.static, req.state, dstate, req.stop_ids, req.max_new, step + 1)
+        dstate, finished = _run(req, dstate, int(dstate.step) + 1)

@@ -25,16 +25,17 @@ def _kv_mask(positions_bt: jax.Array, num_slots: int) -> jax.Array:
 class _Runner:
     """The per-layer call with its cache hook (fresh: attend within the chunk; else attend over the cache)."""
 
-    def __init__(self, model, positions_bt, num_slots, *, fresh, attention, dispatch):
+    def __init__(self, model, positions_bt, window, *, fresh, attention, dispatch):
         self.cos, self.sin = model.rope(positions_bt)
         self.positions = positions_bt
         self.fresh = fresh
-        self.mask = attention_mask(positions_bt, positions_bt) if fresh else _kv_mask(positions_bt, num_slots)
+        self.window = window
+        self.mask = attention_mask(positions_bt, positions_bt) if fresh else _kv_mask(positions_bt, window)
         self.kw = dict(attention=attention, dispatch=dispatch)
 
     def cache_hook(self, cache: KVCache, index, c_kv, k_pe):
         cache = cache.write(index, c_kv, k_pe, self.positions)
-        return cache, ((c_kv, k_pe) if self.fresh else cache.read(index))
+        return cache, ((c_kv, k_pe) if self.fresh else cache.read(index, self.window))
 
     def __call__(self, layer, x, kv_fn):
         return layer(x, self.cos, self.sin, self.mask, kv_fn=kv_fn, **self.kw)[0]
@@ -71,14 +72,18 @@ def forward_cached(
     cache: KVCache,
     *,
     fresh: bool = False,
+    window: int | None = None,
     attention: str = "absorbed",
     dispatch: str = "auto",
 ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Main model over a chunk: ``(logits [b, t, V], hidden [b, t, d] after the final norm, updated cache)``.
 
-    ``cache`` covers all ``num_hidden_layers`` layers (dense first, then MoE).
+    ``cache`` covers all ``num_hidden_layers`` layers (dense first, then MoE). ``window`` (static, default all
+    slots) limits attention to the first slots, so a step's cost follows the sequence length rather than the
+    cache size; every position must be below it.
     """
-    runner = _Runner(model, positions_bt, cache.num_slots, fresh=fresh, attention=attention, dispatch=dispatch)
+    window = cache.num_slots if window is None else window
+    runner = _Runner(model, positions_bt, window, fresh=fresh, attention=attention, dispatch=dispatch)
     x = shard(embed_lookup(model.embed[...], tokens_bt, model.dtype), ("batch", "seq", "act_embed"))
     num_dense = 0
     if model.dense_layers is not None:
@@ -98,14 +103,16 @@ def mtp_cached(
     cache: KVCache,
     *,
     fresh: bool = False,
+    window: int | None = None,
     attention: str = "absorbed",
     dispatch: str = "auto",
 ) -> tuple[jax.Array, KVCache]:
     """The first MTP module over a chunk: at position ``i`` it reads the main model's ``h_i`` and the embedding of
     token ``i + 1`` and predicts token ``i + 2``. Returns ``(draft logits [b, t, V], updated cache)``; ``cache``
-    has one layer. Deeper MTP modules are not used for drafting.
+    has one layer; ``window`` as for :func:`forward_cached`. Deeper MTP modules are not used for drafting.
     """
-    runner = _Runner(model, positions_bt, cache.num_slots, fresh=fresh, attention=attention, dispatch=dispatch)
+    window = cache.num_slots if window is None else window
+    runner = _Runner(model, positions_bt, window, fresh=fresh, attention=attention, dispatch=dispatch)
     graphdef, state = nnx.split(model.mtp)
     first = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
     emb = embed_lookup(model.embed[...], next_tokens_bt, model.dtype)
