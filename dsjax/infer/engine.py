@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dsjax.infer.cache import KVCache, init_cache
-from dsjax.infer.forward import forward_cached, mtp_cached
+from dsjax.infer.forward import first_mtp_layer, forward_cached, mtp_cached
 from dsjax.infer.sampling import (
     Sampling,
     log_probs,
@@ -141,7 +141,7 @@ def _prefill(static: _Static, state, tokens_bt, lengths_b, active_b, stop_ids, m
     )  # fmt: skip
 
 
-def _plain_step(model, static: _Static, s: DecodeState, stop_ids, max_new, window: int) -> DecodeState:
+def _plain_step(model, static: _Static, s: DecodeState, stop_ids, max_new, window: int, mtp=None) -> DecodeState:
     logits, _, cache = forward_cached(
         model, s.token[:, None], s.position[:, None], s.cache, window=window, attention=static.attention,
         dispatch=static.dispatch,
@@ -157,7 +157,7 @@ def _plain_step(model, static: _Static, s: DecodeState, stop_ids, max_new, windo
     )  # fmt: skip
 
 
-def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new, window: int) -> DecodeState:
+def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new, window: int, mtp) -> DecodeState:
     rows = jnp.arange(s.token.shape[0])
     tokens = jnp.stack([s.token, s.draft], axis=1)
     positions = jnp.stack([s.position, s.position + 1], axis=1)
@@ -187,7 +187,7 @@ def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new,
     # the next step overwrites) is unused.
     mtp_logits, mtp_cache = mtp_cached(
         model, hidden, jnp.stack([first, bonus], axis=1), positions, s.mtp_cache, window=window,
-        attention=static.attention, dispatch=static.dispatch,
+        attention=static.attention, dispatch=static.dispatch, mtp_layer=mtp,
     )  # fmt: skip
     draft, draft_logp = _draft(mtp_logits[rows, second.astype(jnp.int32)], k_draft, static.sampling)
     return DecodeState(
@@ -207,13 +207,14 @@ def _decode(static: _Static, state, dstate: DecodeState, stop_ids, max_new, step
     would leave the attention ``window`` (the caller then continues with a larger one)."""
     model = nnx.merge(static.graphdef, state)
     body = _speculative_step if static.speculative else _plain_step
+    mtp = first_mtp_layer(model) if static.speculative else None  # sliced once, outside the loop
 
     def fits(s):
         return jnp.max(jnp.where(s.done, 0, s.position)) + _lookahead(static) <= window
 
     return jax.lax.while_loop(
         lambda s: (s.step < step_limit) & ~jnp.all(s.done) & fits(s),
-        lambda s: body(model, static, s, stop_ids, max_new, window),
+        lambda s: body(model, static, s, stop_ids, max_new, window, mtp),
         dstate,
     )
 

@@ -95,6 +95,12 @@ def forward_cached(
     return model.logits(hidden), hidden, cache
 
 
+def first_mtp_layer(model):
+    """The first MTP module as its own module (a slice of the stacked MTP weights)."""
+    graphdef, state = nnx.split(model.mtp)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+
+
 def mtp_cached(
     model,
     hidden_btd: jax.Array,
@@ -106,15 +112,17 @@ def mtp_cached(
     window: int | None = None,
     attention: str = "absorbed",
     dispatch: str = "auto",
+    mtp_layer=None,
 ) -> tuple[jax.Array, KVCache]:
     """The first MTP module over a chunk: at position ``i`` it reads the main model's ``h_i`` and the embedding of
     token ``i + 1`` and predicts token ``i + 2``. Returns ``(draft logits [b, t, V], updated cache)``; ``cache``
     has one layer; ``window`` as for :func:`forward_cached`. Deeper MTP modules are not used for drafting.
+    ``mtp_layer``: :func:`first_mtp_layer` taken once outside a decode loop (slicing the stacked weights inside
+    the loop body would copy them every step).
     """
     window = cache.num_slots if window is None else window
     runner = _Runner(model, positions_bt, window, fresh=fresh, attention=attention, dispatch=dispatch)
-    graphdef, state = nnx.split(model.mtp)
-    first = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    first = first_mtp_layer(model) if mtp_layer is None else mtp_layer
     emb = embed_lookup(model.embed[...], next_tokens_bt, model.dtype)
     stored = []
 
