@@ -10,6 +10,7 @@ human-readable report and returns a dict, which ``--json`` prints as the last li
   decode   generation tokens/s of dsjax (latent cache, jitted decode loop) vs HF transformers' generate at batch
            1 and 16, greedy, with an output-parity check; and MTP speculative decoding's acceptance and speedup
            on a model trained with the MTP loss.
+  grpo     GRPO steps (rollout tokens/s, update steps/s) of dsjax vs TRL's GRPOTrainer on the same tiny model.
 """
 
 import os
@@ -22,6 +23,7 @@ import sys
 
 import bench_decode  # noqa: F401  (each mode module registers itself)
 import bench_forward  # noqa: F401
+import bench_grpo  # noqa: F401
 import bench_train  # noqa: F401
 from bench_common import CONFIGS, MODES
 

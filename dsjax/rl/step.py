@@ -1,0 +1,114 @@
+"""Rollout batches and the jitted GRPO update ``(state, batch) -> (state, metrics)``.
+
+A batch holds sequences ``prompt + completion`` packed into rows (segment ids keep them apart, positions restart
+per sequence) with per-token ``targets`` and ``seq`` (the completion index of each target token, -1 elsewhere).
+Log-probs of the old and reference policies are computed by the same jitted pass as the policy's own.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dsjax.rl.grpo import GRPOConfig, grpo_loss
+from dsjax.train.step import TrainState
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "seq")
+
+
+def build_batch(prompts: list[list[int]], completions: list[list[int]], *, pack: bool = True,
+                row_len: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Pack (or, with ``pack=False``, lay out one per row) the sequences ``prompt_i + completion_i``.
+
+    Rows are ``row_len`` long (default: the longest sequence rounded up to a multiple of 16); the row count is
+    rounded up to a power of two with empty rows. The target of position ``j`` is token ``j + 1`` of the same
+    sequence; ``seq`` marks targets that are completion tokens.
+    """
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    longest = max(len(s) - 1 for s in seqs)
+    row_len = row_len or -(-longest // 16) * 16
+    if longest > row_len:
+        raise ValueError(f"a sequence of {longest + 1} tokens does not fit rows of {row_len}")
+    rows: list[list[int]] = []  # sequence indices per row, first fit
+    space: list[int] = []
+    for i, s in enumerate(seqs):
+        need = len(s) - 1
+        slot = next((r for r, free in enumerate(space) if free >= need), None) if pack else None
+        if slot is None:
+            rows.append([])
+            space.append(row_len)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        space[slot] -= need
+    # Row counts rounded up to a power of two: few distinct shapes, so the jitted update compiles a few times.
+    shape = (1 << (len(rows) - 1).bit_length(), row_len)
+    out = {k: np.zeros(shape, np.int32) for k in BATCH_KEYS}
+    out["seq"][:] = -1
+    for r, members in enumerate(rows):
+        col = 0
+        for segment, i in enumerate(members, 1):
+            s, n = seqs[i], len(seqs[i]) - 1
+            sl = slice(col, col + n)
+            out["tokens"][r, sl] = s[:-1]
+            out["targets"][r, sl] = s[1:]
+            out["positions"][r, sl] = np.arange(n)
+            out["segment_ids"][r, sl] = segment
+            is_completion = np.arange(1, n + 1) >= len(prompts[i])
+            out["seq"][r, sl] = np.where(is_completion, i, -1)
+            col += n
+    return out
+
+
+def token_logprobs(model, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """fp32 ``log pi(target)`` per token and the policy's entropy per token, ``[rows, T]`` each."""
+    out = model.forward(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logp_all = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef):
+    """Jitted ``(params, rest, batch) -> logp [rows, T]`` (old and reference log-probs, no gradient)."""
+
+    @jax.jit
+    def fn(params, rest, batch):
+        return token_logprobs(nnx.merge(graphdef, params, rest), batch)[0]
+
+    return fn
+
+
+def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTransformation, num_seqs: int):
+    """The jitted, state-donating update. ``batch`` adds to :func:`build_batch`'s arrays ``old_logp``,
+    ``ref_logp`` (``[rows, T]``) and ``advantages`` (``[num_seqs]``). A non-finite loss or gradient leaves the
+    state unchanged (counted in the state, as in pretraining)."""
+
+    def loss_fn(params, rest, batch):
+        logp, entropy = token_logprobs(nnx.merge(graphdef, params, rest), batch)
+        loss, metrics = grpo_loss(
+            logp, batch["old_logp"], batch["ref_logp"], batch["seq"], batch["advantages"], cfg, num_seqs
+        )
+        mask = batch["seq"] >= 0
+        metrics["entropy"] = jnp.where(mask, entropy, 0.0).sum() / jnp.maximum(mask.sum(), 1)
+        return loss, metrics
+
+    def step(state: TrainState, batch: dict):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest, batch)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state._replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        return new_state, dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
+
+    return jax.jit(step, donate_argnums=0)
