@@ -24,7 +24,7 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], *, pack:
     """Pack (or, with ``pack=False``, lay out one per row) the sequences ``prompt_i + completion_i``.
 
     Rows are ``row_len`` long (default: the longest sequence rounded up to a multiple of 16); the row count is
-    rounded up to a power of two with empty rows. The target of position ``j`` is token ``j + 1`` of the same
+    rounded up with empty rows (see below). The target of position ``j`` is token ``j + 1`` of the same
     sequence; ``seq`` marks targets that are completion tokens.
     """
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
@@ -43,8 +43,10 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], *, pack:
             slot = len(rows) - 1
         rows[slot].append(i)
         space[slot] -= need
-    # Row counts rounded up to a power of two: few distinct shapes, so the jitted update compiles a few times.
-    shape = (1 << (len(rows) - 1).bit_length(), row_len)
+    # Row counts rounded up (to a power of two up to 16, then to a multiple of 16): few distinct shapes, so the
+    # jitted update compiles a few times without padding the batch by up to 2x.
+    n = len(rows)
+    shape = (1 << (n - 1).bit_length() if n <= 16 else -(-n // 16) * 16, row_len)
     out = {k: np.zeros(shape, np.int32) for k in BATCH_KEYS}
     out["seq"][:] = -1
     for r, members in enumerate(rows):
@@ -82,15 +84,17 @@ def make_logprob_fn(graphdef: nnx.GraphDef):
 
 
 def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTransformation, num_seqs: int):
-    """The jitted, state-donating update. ``batch`` adds to :func:`build_batch`'s arrays ``old_logp``,
-    ``ref_logp`` (``[rows, T]``) and ``advantages`` (``[num_seqs]``). A non-finite loss or gradient leaves the
-    state unchanged (counted in the state, as in pretraining)."""
+    """The jitted, state-donating update. ``batch`` adds to :func:`build_batch`'s arrays ``advantages``
+    (``[num_seqs]``), ``old_logp`` (``[rows, T]``; omitted when ``mu == 1``) and ``ref_logp`` (when
+    ``beta > 0``). A non-finite loss or gradient leaves the state unchanged (counted, as in pretraining)."""
 
     def loss_fn(params, rest, batch):
         logp, entropy = token_logprobs(nnx.merge(graphdef, params, rest), batch)
-        loss, metrics = grpo_loss(
-            logp, batch["old_logp"], batch["ref_logp"], batch["seq"], batch["advantages"], cfg, num_seqs
-        )
+        # With one iteration per rollout the old policy is the current one: its log-probs are this pass's,
+        # without the gradient (no separate forward needed). The same holds for the reference when beta = 0.
+        old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
+        ref = batch.get("ref_logp")
+        loss, metrics = grpo_loss(logp, old, ref, batch["seq"], batch["advantages"], cfg, num_seqs)
         mask = batch["seq"] >= 0
         metrics["entropy"] = jnp.where(mask, entropy, 0.0).sum() / jnp.maximum(mask.sum(), 1)
         return loss, metrics

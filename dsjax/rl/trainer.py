@@ -136,12 +136,14 @@ def train_grpo(model, tokenizer: Tokenizer, task: Task, cfg: GRPOConfig, tc: RLT
             t1 = time.perf_counter()
             total, per_fn = score(rewards, r.prompts, r.texts, r.fields)
             adv = group_advantages(jnp.asarray(total), cfg.G, scale=cfg.scale_rewards)
-            if row_len is None:  # fixed row length: the longest prompt + the completion budget
-                row_len = -(-(max(map(len, r.prompts)) + cfg.max_completion_length + 8) // 16) * 16
+            if row_len is None:  # fixed: room for two of the longest possible sequences, a multiple of 64
+                row_len = -(-2 * (max(map(len, r.prompts)) + cfg.max_completion_length) // 64) * 64
             batch = build_batch(r.prompts, r.completions, row_len=row_len)
-            old = logprob(state.params, state.rest, batch)
-            ref = logprob(ref_params, state.rest, batch) if ref_params is not None else old
-            batch.update(old_logp=old, ref_logp=ref, advantages=adv)
+            batch["advantages"] = adv
+            if cfg.mu > 1:  # several iterations: the rollout policy's log-probs stay fixed across them
+                batch["old_logp"] = logprob(state.params, state.rest, batch)
+            if ref_params is not None:
+                batch["ref_logp"] = logprob(ref_params, state.rest, batch)
             for _ in range(cfg.mu):
                 state, metrics = step_fn(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -77,9 +77,9 @@ class ZeroConfig:
 
     digits: int = 2
     corpus_docs: int = 20_000
-    answer_accuracy: float = 0.2
+    answer_accuracy: float = 0.15
     format_rate: float = 0.6
-    pretrain_steps: int = 600
+    pretrain_steps: int = 550
     pretrain_overrides: tuple[str, ...] = ()
     grpo: GRPOConfig = dataclasses.field(
         default_factory=lambda: GRPOConfig(
