@@ -259,3 +259,16 @@ def test_one_compilation_per_shape_bucket(model):
     generate(model, _prompts(seed=9, lengths=(5, 12)), max_new_tokens=7, stop_tokens=())
     generate(model, _prompts(seed=9, lengths=(16, 1)), max_new_tokens=16, stop_tokens=())
     assert (engine._prefill._cache_size(), engine._decode._cache_size()) == sizes
+
+
+@pytest.mark.parametrize(("temperature", "speculative"), [(0.0, False), (1.0, False), (1.0, True)])
+def test_recorded_logprobs_are_the_models(drafting_model, temperature, speculative):
+    """Each generated token's recorded log-probability is log softmax of the full forward at its position (the
+    sampling distribution at temperature 1 without filters; the model's distribution when greedy)."""
+    prompts = _prompts(seed=7, lengths=(4, 13))
+    result = generate(drafting_model, prompts, max_new_tokens=9, temperature=temperature, stop_tokens=(), seed=2,
+                      speculative=speculative, return_result=True)  # fmt: skip
+    for prompt, new, logp in zip(prompts, result.tokens, result.logprobs):
+        logits = np.asarray(drafting_model(np.asarray([prompt + new], np.int32)))[0, len(prompt) - 1 : -1]
+        expected = np.asarray(jax.nn.log_softmax(logits))[np.arange(len(new)), new]
+        np.testing.assert_allclose(logp, expected, atol=1e-4)

@@ -105,6 +105,8 @@ def test_grpo_run_resumes_exactly(tmp_path):
     assert {"reward/accuracy", "reward/format", "frac_reward_zero_std", "clipped_fraction", "kl", "entropy",
             "completion_length"} <= set(a[-1])  # fmt: skip
     assert a[-1]["kl"] > 0  # the policy moved away from the reference
+    # The engine's log-probs of the sampled tokens match the training forward's (same weights at mu = 1).
+    assert all(r["sampler_logp_gap"] < 1e-4 for r in a)
 
 
 def test_evaluate_and_corpus():

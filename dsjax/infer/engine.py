@@ -42,7 +42,8 @@ class DecodeState(NamedTuple):
 
     ``token`` is the last emitted token, not yet in the cache, at ``position``; ``draft`` the MTP guess for the
     token after it (speculative only, with its draft log-probs when sampling). ``out[:, :count]`` are the
-    emitted tokens; ``done`` rows emit nothing more. ``drafted`` / ``accepted`` are scalar counters.
+    emitted tokens and ``logp[:, :count]`` their log-probabilities under the distribution they were drawn from
+    (the model's softmax for greedy); ``done`` rows emit nothing more. ``drafted`` / ``accepted`` count drafts.
     """
 
     cache: KVCache
@@ -52,6 +53,7 @@ class DecodeState(NamedTuple):
     draft: jax.Array
     draft_logp: jax.Array | None
     out: jax.Array
+    logp: jax.Array
     count: jax.Array
     done: jax.Array
     keys: jax.Array
@@ -64,6 +66,7 @@ class GenerationResult(NamedTuple):
     """Generated ids per prompt (stop token included when one ended the row) and decode statistics."""
 
     tokens: list[list[int]]
+    logprobs: list[list[float]]  # per generated token, under the distribution it was sampled from
     decode_steps: int  # model calls after the prefill
     drafted: int  # speculative drafts verified (0 without speculation)
     accepted: int  # drafts accepted
@@ -100,6 +103,11 @@ def _draft(logits_bv, keys_b, sampling: Sampling):
     return jax.vmap(jax.random.categorical)(keys_b, logp).astype(jnp.int32), logp
 
 
+def _token_logp(logits_bv, tokens_b, sampling: Sampling):
+    logp = jax.nn.log_softmax(logits_bv.astype(jnp.float32)) if sampling.greedy else log_probs(logits_bv, sampling)
+    return jnp.take_along_axis(logp, tokens_b[:, None], axis=-1)[:, 0]
+
+
 def _emit(out, count, tokens, write):
     # Write tokens[r] at out[r, count[r]] where `write`; past the buffer's end the write is dropped.
     rows = jnp.arange(out.shape[0])
@@ -123,7 +131,10 @@ def _prefill(static: _Static, state, tokens_bt, lengths_b, active_b, stop_ids, m
     k_first, k_draft = jax.vmap(jax.random.split, out_axes=1)(step_keys(keys, 0))
     first = sample(logits[rows, last], k_first, static.sampling)
     # The output buffer is as long as the cache (>= max_new), so the slot count alone keys the compiled loop.
-    out = _emit(jnp.zeros((b, static.num_slots), jnp.int32), jnp.zeros(b, jnp.int32), first, active_b)
+    zero_count = jnp.zeros(b, jnp.int32)
+    out = _emit(jnp.zeros((b, static.num_slots), jnp.int32), zero_count, first, active_b)
+    out_logp = _emit(jnp.zeros((b, static.num_slots), jnp.float32), zero_count,
+                     _token_logp(logits[rows, last], first, static.sampling), active_b)  # fmt: skip
     done = ~active_b | _is_stop(first, stop_ids) | (max_new <= 1)
     draft, draft_logp, mtp_cache = jnp.zeros(b, jnp.int32), None, None
     if static.speculative:
@@ -136,7 +147,7 @@ def _prefill(static: _Static, state, tokens_bt, lengths_b, active_b, stop_ids, m
         draft, draft_logp = _draft(mtp_logits[rows, last], k_draft, static.sampling)
     zero = jnp.zeros((), jnp.int32)
     return DecodeState(
-        cache, mtp_cache, first, lengths_b, draft, draft_logp, out, active_b.astype(jnp.int32), done, keys,
+        cache, mtp_cache, first, lengths_b, draft, draft_logp, out, out_logp, active_b.astype(jnp.int32), done, keys,
         jnp.ones((), jnp.int32), zero, zero,
     )  # fmt: skip
 
@@ -149,10 +160,12 @@ def _plain_step(model, static: _Static, s: DecodeState, stop_ids, max_new, windo
     new = sample(logits[:, 0], step_keys(s.keys, s.step), static.sampling)
     active = ~s.done
     out = _emit(s.out, s.count, new, active)
+    out_logp = _emit(s.logp, s.count, _token_logp(logits[:, 0], new, static.sampling), active)
     count = s.count + active
     done = s.done | (active & (_is_stop(new, stop_ids) | (count >= max_new)))
     return s._replace(
-        cache=cache, token=jnp.where(active, new, s.token), position=s.position + active, out=out, count=count,
+        cache=cache, token=jnp.where(active, new, s.token), position=s.position + active, out=out, logp=out_logp,
+        count=count,
         done=done, step=s.step + 1,
     )  # fmt: skip
 
@@ -175,10 +188,13 @@ def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new,
 
     active = ~s.done
     out = _emit(s.out, s.count, first, active)
+    # Emitted tokens are distributed as the main model's (speculative sampling), so their log-probs are its.
+    out_logp = _emit(s.logp, s.count, _token_logp(logits[:, 0], first, static.sampling), active)
     count = s.count + active
     stop_first = _is_stop(first, stop_ids) | (count >= max_new)
     second = active & accepted & ~stop_first
     out = _emit(out, count, bonus, second)
+    out_logp = _emit(out_logp, count, _token_logp(logits[:, 1], bonus, static.sampling), second)
     count = count + second
     done = s.done | (active & stop_first) | (second & (_is_stop(bonus, stop_ids) | (count >= max_new)))
 
@@ -192,7 +208,7 @@ def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new,
     draft, draft_logp = _draft(mtp_logits[rows, second.astype(jnp.int32)], k_draft, static.sampling)
     return DecodeState(
         cache, mtp_cache, jnp.where(second, bonus, jnp.where(active, first, s.token)),
-        s.position + active + second, draft, draft_logp, out, count, done, s.keys, s.step + 1,
+        s.position + active + second, draft, draft_logp, out, out_logp, count, done, s.keys, s.step + 1,
         s.drafted + active.sum(dtype=jnp.int32), s.accepted + (active & accepted).sum(dtype=jnp.int32),
     )  # fmt: skip
 
@@ -326,8 +342,8 @@ def _start(req: _Request) -> DecodeState:
     return _prefill(req.static, req.state, req.tokens, req.lengths, req.active, req.stop_ids, req.max_new, req.seed)
 
 
-def _rows(req: _Request, dstate: DecodeState) -> list[list[int]]:
-    out, count = jax.device_get((dstate.out, dstate.count))
+def _rows(req: _Request, dstate: DecodeState, buffer: str = "out") -> list[list]:
+    out, count = jax.device_get((getattr(dstate, buffer), dstate.count))
     return [out[i, : count[i]].tolist() for i in range(req.num_prompts)]
 
 
@@ -377,7 +393,7 @@ def generate(
     if not return_result:
         return tokens
     steps, drafted, accepted = (int(x) for x in jax.device_get((dstate.step, dstate.drafted, dstate.accepted)))
-    return GenerationResult(tokens, steps - 1, drafted, accepted, t1 - t0, t2 - t1)
+    return GenerationResult(tokens, _rows(req, dstate, "logp"), steps - 1, drafted, accepted, t1 - t0, t2 - t1)
 
 
 def stream(model, prompts, **kwargs) -> Iterator[list[list[int]]]:

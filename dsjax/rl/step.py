@@ -20,12 +20,13 @@ BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "seq")
 
 
 def build_batch(prompts: list[list[int]], completions: list[list[int]], *, pack: bool = True,
-                row_len: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+                row_len: int | None = None, completion_logprobs=None) -> dict[str, np.ndarray]:  # fmt: skip
     """Pack (or, with ``pack=False``, lay out one per row) the sequences ``prompt_i + completion_i``.
 
     Rows are ``row_len`` long (default: the longest sequence rounded up to a multiple of 16); the row count is
     rounded up with empty rows (see below). The target of position ``j`` is token ``j + 1`` of the same
-    sequence; ``seq`` marks targets that are completion tokens.
+    sequence; ``seq`` marks targets that are completion tokens. ``completion_logprobs`` (the sampler's, one per
+    completion token) become ``sampler_logp`` at those targets, for the sampler-vs-trainer log-prob gap metric.
     """
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     longest = max(len(s) - 1 for s in seqs)
@@ -49,6 +50,8 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], *, pack:
     shape = (1 << (n - 1).bit_length() if n <= 16 else -(-n // 16) * 16, row_len)
     out = {k: np.zeros(shape, np.int32) for k in BATCH_KEYS}
     out["seq"][:] = -1
+    if completion_logprobs is not None:
+        out["sampler_logp"] = np.zeros(shape, np.float32)
     for r, members in enumerate(rows):
         col = 0
         for segment, i in enumerate(members, 1):
@@ -60,6 +63,8 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], *, pack:
             out["segment_ids"][r, sl] = segment
             is_completion = np.arange(1, n + 1) >= len(prompts[i])
             out["seq"][r, sl] = np.where(is_completion, i, -1)
+            if completion_logprobs is not None:
+                out["sampler_logp"][r, col + len(prompts[i]) - 1 : col + n] = completion_logprobs[i]
             col += n
     return out
 
@@ -96,7 +101,10 @@ def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTr
         ref = batch.get("ref_logp")
         loss, metrics = grpo_loss(logp, old, ref, batch["seq"], batch["advantages"], cfg, num_seqs)
         mask = batch["seq"] >= 0
-        metrics["entropy"] = jnp.where(mask, entropy, 0.0).sum() / jnp.maximum(mask.sum(), 1)
+        n = jnp.maximum(mask.sum(), 1)
+        metrics["entropy"] = jnp.where(mask, entropy, 0.0).sum() / n
+        if "sampler_logp" in batch:  # the rollout engine's log-probs vs this pass's (at mu = 1: same weights)
+            metrics["sampler_logp_gap"] = jnp.where(mask, jnp.abs(logp - batch["sampler_logp"]), 0.0).sum() / n
         return loss, metrics
 
     def step(state: TrainState, batch: dict):

@@ -59,6 +59,7 @@ class RLTrainConfig:
 class Rollout(NamedTuple):
     prompts: list[list[int]]  # one per completion (each question's prompt repeated G times)
     completions: list[list[int]]  # generated ids, stop token included when the row stopped
+    logprobs: list[list[float]]  # the sampler's log-probability of each generated id
     texts: list[str]  # decoded completions without the stop token
     fields: dict  # reward fields, one entry per completion
 
@@ -72,11 +73,12 @@ def rollout(model, tokenizer: Tokenizer, problems: list[Problem], cfg: GRPOConfi
     """``samples`` (default ``G``) completions per problem at ``cfg.temperature``, batched on the KV cache."""
     g = cfg.G if samples is None else samples
     prompts = [encode_question(tokenizer, template, p.question) for p in problems for _ in range(g)]
-    outs = generate(model, prompts, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                    seed=seed, stop_tokens=[tokenizer.eos_id])  # fmt: skip
+    result = generate(model, prompts, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                      seed=seed, stop_tokens=[tokenizer.eos_id], return_result=True)  # fmt: skip
+    outs = result.tokens
     texts = [tokenizer.decode(o[:-1] if o and o[-1] == tokenizer.eos_id else o) for o in outs]
     fields = {k: [p.fields[k] for p in problems for _ in range(g)] for k in problems[0].fields}
-    return Rollout(prompts, outs, texts, fields)
+    return Rollout(prompts, outs, result.logprobs, texts, fields)
 
 
 def evaluate(model, tokenizer, task: Task, cfg: GRPOConfig, template: str, *, problems: int = 64,
@@ -138,7 +140,7 @@ def train_grpo(model, tokenizer: Tokenizer, task: Task, cfg: GRPOConfig, tc: RLT
             adv = group_advantages(jnp.asarray(total), cfg.G, scale=cfg.scale_rewards)
             if row_len is None:  # fixed: room for two of the longest possible sequences, a multiple of 64
                 row_len = -(-2 * (max(map(len, r.prompts)) + cfg.max_completion_length) // 64) * 64
-            batch = build_batch(r.prompts, r.completions, row_len=row_len)
+            batch = build_batch(r.prompts, r.completions, row_len=row_len, completion_logprobs=r.logprobs)
             batch["advantages"] = adv
             if cfg.mu > 1:  # several iterations: the rollout policy's log-probs stay fixed across them
                 batch["old_logp"] = logprob(state.params, state.rest, batch)
