@@ -42,7 +42,6 @@ def test_packed_and_unpacked_batches_give_the_same_loss(model):
     for pack in (True, False):
         batch = {k: jnp.asarray(v) for k, v in build_batch(prompts, completions, pack=pack, row_len=32).items()}
         logp, _ = token_logprobs(model, batch)
-        old = logp - 0.1 * jnp.asarray(rng.normal(size=logp.shape) if pack else np.zeros(logp.shape))
         losses.append((batch, logp))
     (packed, lp_p), (unpacked, lp_u) = losses
     assert packed["tokens"].shape[0] < unpacked["tokens"].shape[0]  # packing did pack
@@ -56,7 +55,6 @@ def test_packed_and_unpacked_batches_give_the_same_loss(model):
     l_p = grpo_loss(lp_p, lp_p - 0.05, lp_p + 0.1, packed["seq"], adv, GRPO, len(prompts))[0]
     l_u = grpo_loss(lp_u, lp_u - 0.05, lp_u + 0.1, unpacked["seq"], adv, GRPO, len(prompts))[0]
     np.testing.assert_allclose(l_p, l_u, rtol=1e-5)
-    del old
 
 
 def test_batch_layout_marks_completion_targets():

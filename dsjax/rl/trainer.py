@@ -8,7 +8,6 @@ exactly as the uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import NamedTuple
@@ -215,8 +214,3 @@ def plot_rl(records: list[dict], out_dir: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def write_json(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
