@@ -74,6 +74,61 @@ class YarnScaling:
         return yarn_mscale(self.factor)
 
 
+FP8_BACKENDS = ("reference", "blocked")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Fp8Recipe:
+    """DeepSeek-V3's fine-grained FP8 GEMM recipe (§3.3), used by :mod:`dsjax.ops.fp8`.
+
+    Activations and their gradients are quantised to E4M3 in ``1 x block`` tiles, weights in ``block x block``
+    blocks, each with its own online scale ``max(amax, amax_floor) / 448``; products are accumulated in fp32
+    one ``block``-long slice of the contraction at a time, the scales applied at each promotion.
+
+    ``backend``: ``blocked`` splits the contraction into ``block``-long fp8 x fp8 -> fp32 dots (the structure of
+    DeepSeek's kernels, the default); ``reference`` dequantises both operands and does one fp32 dot (the oracle).
+    ``pow2_scales`` rounds every scale up to a power of two (DeepSeek-V3.1's UE8M0 scales), which makes the
+    1x128 -> 128x1 re-tiling in the backward pass nearly lossless.
+    ``amax_floor`` (1e-4, from DeepSeek's activation-quantisation kernel) applies to activations and weights;
+    gradients use ``grad_amax_floor``, which only guards all-zero tiles: backward values are far smaller (on the
+    tiny training config 76% of the output-gradient rows have amax < 1e-4), and a 1e-4 floor would squeeze them
+    into E4M3's few subnormal codes -- the per-tile online scale exists to make loss scaling unnecessary.
+    """
+
+    backend: str = "blocked"
+    block: int = 128
+    pow2_scales: bool = False
+    amax_floor: float = 1e-4
+    grad_amax_floor: float = 1e-30
+
+    def __post_init__(self):
+        if self.backend not in FP8_BACKENDS:
+            raise ConfigError(f"fp8.backend={self.backend!r}; choose one of {FP8_BACKENDS}")
+        if not (isinstance(self.block, int) and self.block > 0):
+            raise ConfigError(f"fp8.block must be a positive int, got {self.block!r}")
+        for name in ("amax_floor", "grad_amax_floor"):
+            value = getattr(self, name)
+            # scale = floor / 448 must stay a normal fp32 number
+            if not (isinstance(value, int | float) and 448 * 2.0**-126 <= value < float("inf")):
+                raise ConfigError(f"fp8.{name} must be a float in [5.3e-36, inf), got {value!r}")
+
+
+def _as_recipe(value) -> Fp8Recipe | None:
+    """``fp8`` as YAML / code may give it: None/False (off), True (defaults), a mapping, or a recipe."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Fp8Recipe()
+    if isinstance(value, dict):
+        unknown = set(value) - {f.name for f in dataclasses.fields(Fp8Recipe)}
+        if unknown:
+            raise ConfigError(f"fp8: unknown fields {sorted(unknown)}")
+        return Fp8Recipe(**value)
+    if isinstance(value, Fp8Recipe):
+        return value
+    raise ConfigError(f"fp8: expected a bool, a mapping or an Fp8Recipe, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of a DeepSeek-V2/V3 causal language model.
@@ -116,6 +171,10 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0
     seq_aux: bool = True
     numerics: Numerics = Numerics.HF
+    # Compute: run the MLA projections, dense MLPs and experts as fine-grained FP8 GEMMs (training and inference).
+    fp8: Fp8Recipe | None = None
+    # Storage: those weights are held as E4M3 with fp32 128x128 block scales (HF ``quantization_config``).
+    fp8_weights: bool = False
 
     def __post_init__(self):
         # Enums may arrive as strings from YAML / config.json; normalise so comparisons are exact.
@@ -128,6 +187,7 @@ class ModelConfig:
                 raise ConfigError(f"{name}={value!r} is not supported (allowed: {allowed})") from None
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", YarnScaling(**self.rope_scaling))
+        object.__setattr__(self, "fp8", _as_recipe(self.fp8))
         self._validate()
 
     def _validate(self):
@@ -205,6 +265,7 @@ class ModelConfig:
             f"only 1 is supported (every layer after the dense ones is MoE, as in all released "
             f"DeepSeek-V2/V3 models); got {self.moe_layer_freq}",
         )
+        need(isinstance(self.fp8_weights, bool), "fp8_weights", f"must be a bool, got {self.fp8_weights!r}")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.rope_theta > 0, "rope_theta", "must be positive")

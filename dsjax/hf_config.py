@@ -44,6 +44,30 @@ def _rope_from_hf(d: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     return theta, yarn
 
 
+FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+def _fp8_weights_from_hf(d: dict[str, Any]) -> bool:
+    """True for DeepSeek's FP8 ``quantization_config`` (E4M3 weights, 128x128 block scales); other
+    quantisation schemes are rejected rather than misread."""
+    q = d.get("quantization_config")
+    if not q:
+        return False
+    if q.get("quant_method") != "fp8":
+        raise ConfigError(f"quantization_config.quant_method={q.get('quant_method')!r}: only 'fp8' is supported")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"quantization_config.fmt={q.get('fmt')!r}: only 'e4m3' is supported")
+    if list(q.get("weight_block_size") or [128, 128]) != [128, 128]:
+        raise ConfigError(
+            f"quantization_config.weight_block_size={q.get('weight_block_size')!r}: only [128, 128] is supported"
+        )
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        raise ConfigError(
+            f"quantization_config.activation_scheme={q.get('activation_scheme')!r}: only 'dynamic' is supported"
+        )
+    return True
+
+
 def config_from_hf(d: dict[str, Any], **overrides) -> ModelConfig:
     """Build a :class:`ModelConfig` from a parsed ``config.json`` dict; unsupported settings raise ConfigError."""
     model_type = d.get("model_type")
@@ -93,6 +117,7 @@ def config_from_hf(d: dict[str, Any], **overrides) -> ModelConfig:
         eos_token_id=eos,
         aux_loss_alpha=float(d.get("aux_loss_alpha") or 0.0),
         seq_aux=bool(d.get("seq_aux", True)),
+        fp8_weights=_fp8_weights_from_hf(d),
     )
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if kwargs[k] is None]
     if missing:
@@ -101,7 +126,8 @@ def config_from_hf(d: dict[str, Any], **overrides) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-    """The ``config.json`` dict for ``cfg``; ``config_from_hf(config_to_hf(cfg)) == cfg`` (numerics aside)."""
+    """The ``config.json`` dict for ``cfg``; ``config_from_hf(config_to_hf(cfg)) == cfg`` (numerics and the
+    ``fp8`` compute recipe aside; ``fp8_weights`` is written as DeepSeek's ``quantization_config``)."""
     model_type = "deepseek_v3" if cfg.topk_method == TopkMethod.NOAUX_TC else "deepseek_v2"
     out: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[model_type]],
@@ -155,6 +181,8 @@ def config_to_hf(cfg: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict[str
             "mscale": y.mscale,
             "mscale_all_dim": y.mscale_all_dim,
         }
+    if cfg.fp8_weights:
+        out["quantization_config"] = dict(FP8_QUANTIZATION)
     return out
 
 

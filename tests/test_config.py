@@ -68,7 +68,8 @@ V3_RELEASED = {
 
 
 def test_released_v3_config_reads_as_preset():
-    assert config_from_hf(V3_RELEASED) == ModelConfig.deepseek_v3()
+    # The release is the FP8 checkpoint: its quantization_config reads as fp8_weights (the architecture is the preset).
+    assert config_from_hf(V3_RELEASED) == ModelConfig.deepseek_v3(fp8_weights=True)
 
 
 def test_softmax_scale_matches_reference_values():

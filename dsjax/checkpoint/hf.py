@@ -8,15 +8,18 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from dsjax.checkpoint.hf_map import LeafSpec, leaf_spec, mtp_copy_names
+from dsjax.checkpoint.hf_map import SCALE_SUFFIX, LeafSpec, leaf_spec, mtp_copy_names, scale_name
 from dsjax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, listing, write_sharded
 from dsjax.config import ModelConfig
 from dsjax.hf_config import load_config, save_config
+from dsjax.layers.common import STORAGE_RECIPE
 from dsjax.model import Transformer, abstract_model
+from dsjax.ops.fp8 import quantize_blocks
 from dsjax.sharding import DEFAULT_RULES, Rules, variable_sharding
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ def from_pretrained(
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
     mtp: bool | None = None,
+    dequantize: bool = False,
     **config_overrides,
 ) -> Transformer:
     """Load an HF-format DeepSeek-V2/V3 checkpoint directory into a :class:`~dsjax.Transformer`.
@@ -50,6 +54,10 @@ def from_pretrained(
       mesh: shard the weights over this mesh by ``rules``; None places everything on the first device.
       mtp: load the Multi-Token Prediction layers: None loads them when the checkpoint has them, True requires
         them, False skips them.
+      dequantize: for an FP8 checkpoint (``quantization_config``, E4M3 weights with ``weight_scale_inv`` block
+        scales), load float weights (``fp8 x scale`` in ``param_dtype``) instead of keeping the projections in
+        E4M3 with their scales (about half the bytes of bf16). Either way, weights the checkpoint stores in
+        float are quantised on load if the model keeps them in fp8, and fp8 ones dequantised if it does not.
       config_overrides: ModelConfig fields to change (e.g. ``numerics="official"``).
 
     Raises:
@@ -58,6 +66,8 @@ def from_pretrained(
     """
     reader = CheckpointReader(path)  # first, so a wrong path reports as such rather than as a missing config
     cfg = load_config(path, **config_overrides)
+    if dequantize:
+        cfg = cfg.replace(fp8_weights=False)
     keys = reader.keys()
     mtp_keys = _mtp_keys(keys, cfg)
     if mtp and not mtp_keys:
@@ -77,8 +87,11 @@ def from_pretrained(
     specs = [leaf_spec(path_, var.get_value().shape, cfg) for path_, var in flat]
     expected = {spec.name(idx): spec for spec in specs for idx in spec.indices()}
     copies = mtp_copy_names(cfg)
-    missing = set(expected) - keys
-    unexpected = keys - set(expected) - set(copies) - ignored
+    # Scales may be absent (float tensors, quantised on load) or extra (fp8 tensors, dequantised on load).
+    weights_of_scales = {n: (n[: -len("_scale_inv")], s) for n, s in expected.items() if s.kind == "scale"}
+    optional_scales = {scale_name(n) for n, s in expected.items() if s.kind == "linear"}
+    missing = {n for n in set(expected) - keys if n not in weights_of_scales}
+    unexpected = keys - set(expected) - set(copies) - ignored - optional_scales
     if missing or unexpected:
         parts = [
             f"missing tensors: {listing(missing)}" if missing else "",
@@ -88,7 +101,7 @@ def from_pretrained(
     wrong = [
         f"{n} {reader.shape(n)} (expected {s.hf_shape()})"
         for n, s in expected.items()
-        if reader.shape(n) != s.hf_shape()
+        if n in keys and reader.shape(n) != s.hf_shape()
     ]
     if wrong:
         raise CheckpointError(f"tensors with wrong shapes in {path}: {listing(wrong)}")
@@ -101,7 +114,53 @@ def from_pretrained(
     for (_, var), spec in zip(flat, specs):
         sharding = variable_sharding(var, mesh, rules) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
         var.set_value(_assemble(reader, spec, np.dtype(var.get_value().dtype), sharding))
-    return nnx.merge(graphdef, abstract)
+    model = nnx.merge(graphdef, abstract)
+    log.info("loaded %s: %.1f MiB of weights", path, weight_bytes(model) / 2**20)
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes held by the model's weights and state (fp8 projections count 1 byte per value plus scales)."""
+    return sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model)))
+
+
+def _hf_tensor(reader: CheckpointReader, name: str, spec: LeafSpec, dtype: np.dtype) -> np.ndarray:
+    """The HF tensor ``name`` as this leaf stores it: fp8 weights and their scales as is, fp8 weights
+    dequantised for float leaves, float weights quantised (weight or scale) for fp8 leaves."""
+    if spec.kind == "scale":
+        weight = name[: -len("_scale_inv")]
+        if name in reader.keys():
+            return reader.get(name)
+        return _quantize_hf(reader.get(weight))[1]
+    tensor = reader.get(name)
+    is_fp8 = tensor.dtype == FP8_DTYPE
+    if spec.kind == "linear" and is_fp8 and dtype != FP8_DTYPE:
+        if scale_name(name) not in reader.keys():
+            raise CheckpointError(f"{name} is stored in fp8 but {scale_name(name)} is missing")
+        return dequantize_hf(tensor, reader.get(scale_name(name)))
+    if spec.kind == "linear" and dtype == FP8_DTYPE and not is_fp8:
+        return _quantize_hf(tensor)[0]
+    return tensor
+
+
+FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def dequantize_hf(q: np.ndarray, scale_inv: np.ndarray, block: int = 128) -> np.ndarray:
+    """DeepSeek's weight dequantisation: ``[out, in]`` E4M3 times its ``[ceil(out/128), ceil(in/128)]`` scales
+    (fp32 result; the ragged edge blocks use their block's scale)."""
+    rows, cols = q.shape
+    if scale_inv.shape != (-(-rows // block), -(-cols // block)):
+        raise CheckpointError(f"fp8 weight {q.shape} has scales {scale_inv.shape}; expected 128x128 blocks")
+    full = np.repeat(np.repeat(scale_inv.astype(np.float32), block, axis=0), block, axis=1)[:rows, :cols]
+    return q.astype(np.float32) * full
+
+
+def _quantize_hf(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An HF ``[out, in]`` float weight -> (E4M3 weight, ``weight_scale_inv``) in DeepSeek's 128x128 blocks."""
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        q, s = quantize_blocks(jnp.asarray(w, jnp.float32).T, STORAGE_RECIPE)  # dsjax blocks are [in, out]
+    return np.asarray(q).T, np.asarray(s).T
 
 
 def _check_copy(reader: CheckpointReader, name: str, spec: LeafSpec) -> None:
@@ -128,7 +187,7 @@ def _assemble(reader: CheckpointReader, spec: LeafSpec, dtype: np.dtype, shardin
         for pos, idx in zip(
             itertools.product(*(range(len(r)) for r in stack_ranges)), itertools.product(*stack_ranges)
         ):
-            out[pos] = spec.to_ours(reader.get(spec.name(idx)))[inner].astype(dtype)
+            out[pos] = spec.to_ours(_hf_tensor(reader, spec.name(idx), spec, dtype))[inner].astype(dtype)
         done[bounds] = out
         return out
 
@@ -140,40 +199,62 @@ def _layer_order(name: str):
     return (int(m.group(1)), m.group(2)) if m else (-1, name)
 
 
-def save_pretrained(model: Transformer, path: str, *, dtype=None, max_shard_bytes: int = 4 * 2**30) -> list[str]:
+def save_pretrained(
+    model: Transformer, path: str, *, dtype=None, fp8: bool | None = None, max_shard_bytes: int = 4 * 2**30
+) -> list[str]:
     """Write ``model`` as an HF-format checkpoint (config.json + safetensors shards + index).
 
     Tensors are fetched to the host one at a time and written into shards of at most ``max_shard_bytes``,
-    ordered by layer. ``dtype`` casts the weights (default: as stored); the router and routing bias stay fp32.
+    ordered by layer. ``dtype`` casts the float weights (default: as stored); the router and routing bias stay
+    fp32. ``fp8``: write DeepSeek's FP8 format (projections as E4M3 ``weight`` + fp32 ``weight_scale_inv``
+    128x128 block scales, ``quantization_config`` in config.json), quantising float weights; False writes float
+    weights (dequantising fp8 ones); None (default) keeps what the model stores.
     MTP layers get copies of the shared embedding and head under the released checkpoints' names.
     Returns the written shard file names.
     """
     cfg = model.config
+    write_fp8 = cfg.fp8_weights if fp8 is None else fp8
     flat = nnx.to_flat_state(nnx.state(model))
     leaves = {path_: var.get_value() for path_, var in flat}
     for arr in leaves.values():
         if not arr.is_fully_addressable:
             raise NotImplementedError("saving a multi-host model to HF format: convert from an orbax checkpoint")
     specs = {path_: leaf_spec(path_, arr.shape, cfg) for path_, arr in leaves.items()}
+    fp8_paths = {p for p, _ in nnx.to_flat_state(nnx.state(abstract_model(cfg.replace(fp8_weights=True))))}
+    projections = {p for p in fp8_paths if (*p[:-1], p[-1] + SCALE_SUFFIX) in fp8_paths}
 
     def save_dtype(p, arr) -> np.dtype:
-        keep = dtype is None or p[-1] in ("router", "routing_bias")  # HF keeps the router in fp32
+        keep = dtype is None or p[-1] in ("router", "routing_bias") or arr.dtype == FP8_DTYPE
         return np.dtype(arr.dtype if keep else dtype)
 
     target = {p: save_dtype(p, arr) for p, arr in leaves.items()}
-    plan = [(spec.name(idx), p, idx) for p, spec in specs.items() for idx in spec.indices()]
+    plan = [
+        (spec.name(idx), p, idx)
+        for p, spec in specs.items()
+        if not (spec.kind == "scale" and not write_fp8)
+        for idx in spec.indices()
+    ]
     plan += [(name, leaf, None) for name, leaf in mtp_copy_names(cfg).items()]
     plan.sort(key=lambda item: _layer_order(item[0]))
 
     def items():
         for name, p, idx in plan:
             spec = specs[p]
-            host = np.asarray(leaves[p][idx] if idx else leaves[p])
-            yield name, np.ascontiguousarray(spec.to_hf(host)).astype(target[p])
+            hf = np.ascontiguousarray(spec.to_hf(np.asarray(leaves[p][idx] if idx else leaves[p])))
+            if p in projections and hf.dtype == FP8_DTYPE and not write_fp8:
+                scale_path = (*p[:-1], p[-1] + SCALE_SUFFIX)
+                scale = specs[scale_path].to_hf(np.asarray(leaves[scale_path][idx] if idx else leaves[scale_path]))
+                yield name, dequantize_hf(hf, scale).astype(dtype or np.float32)
+            elif p in projections and hf.dtype != FP8_DTYPE and write_fp8:
+                q, scale = _quantize_hf(hf)
+                yield name, q
+                yield scale_name(name), scale
+            else:
+                yield name, hf.astype(target[p])
 
     main_dtype = np.dtype(dtype) if dtype is not None else np.dtype(leaves[("embed",)].dtype)
     save_config(
-        cfg,
+        cfg.replace(fp8_weights=write_fp8),
         path,
         torch_dtype={"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
             main_dtype.name, "bfloat16"

@@ -88,23 +88,42 @@ class LeafSpec:
 
     def hf_shape(self) -> tuple[int, ...]:
         s = self.slice_shape
+        if self.kind == "scale":
+            return s[::-1]
         if self.kind == "linear":
             return (int(np.prod(s[self.in_ndim :])), int(np.prod(s[: self.in_ndim])))
         return s
 
     def to_ours(self, hf: np.ndarray) -> np.ndarray:
         """One HF tensor -> this leaf's per-index slice."""
-        return (hf.T if self.kind == "linear" else hf).reshape(self.slice_shape)
+        return (hf.T if self.kind in ("linear", "scale") else hf).reshape(self.slice_shape)
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
         """This leaf's per-index slice -> the HF tensor."""
         if self.kind == "linear":
             return ours.reshape(int(np.prod(ours.shape[: self.in_ndim])), -1).T
+        if self.kind == "scale":
+            return ours.T
         return ours
 
 
+SCALE_SUFFIX = "_scale"  # dsjax: ``wq_b`` + ``wq_b_scale``; HF: ``q_b_proj.weight`` + ``q_b_proj.weight_scale_inv``
+
+
+def scale_name(weight_name: str) -> str:
+    """HF name of the block scales of an FP8 weight (a multiplier, despite ``_inv``)."""
+    return weight_name + "_scale_inv"
+
+
 def leaf_spec(path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig) -> LeafSpec:
-    """The :class:`LeafSpec` for the dsjax leaf at ``path``; raises KeyError for an unknown path."""
+    """The :class:`LeafSpec` for the dsjax leaf at ``path``; raises KeyError for an unknown path.
+
+    FP8 block scales (``..._scale`` leaves, ``[stack..., K/128, N/128]``) map to ``weight_scale_inv`` tensors
+    ``[N/128, K/128]`` next to their weight.
+    """
+    if path[-1].endswith(SCALE_SUFFIX):
+        base = leaf_spec((*path[:-1], path[-1][: -len(SCALE_SUFFIX)]), shape, cfg)
+        return dataclasses.replace(base, kind="scale", in_ndim=1, template=scale_name(base.template))
     head, rest = path[0], tuple(path[1:])
     if head in ("dense_layers", "moe_layers"):
         table = {**_ATTN, **(_DENSE_FFN if head == "dense_layers" else _MOE_FFN)}

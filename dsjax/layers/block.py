@@ -30,6 +30,8 @@ class DecoderLayer(nnx.Module):
                 rngs=rngs,
                 param_dtype=param_dtype,
                 std=cfg.initializer_range,
+                fp8=cfg.fp8,
+                fp8_weights=cfg.fp8_weights,
             )
 
     def __call__(self, x_btd, cos, sin, mask_bts, *, attention="naive", dispatch="auto", kv_fn=None):

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsjax.config import Fp8Recipe
+from dsjax.ops.fp8 import dequantize_blocks, fp8_matmul, quantize_blocks
 from dsjax.ops.moe import swiglu
 from dsjax.ops.norm import rms_norm
 
@@ -22,6 +24,58 @@ def param(rngs: nnx.Rngs, shape, axes: tuple[str, ...], dtype, std: float) -> nn
     """A normal(0, std) weight with its logical axis names (``init_std`` lets ``create_model`` redraw it)."""
     value = (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
     return nnx.Param(value, logical_axes=axes, init_std=std)
+
+
+class Fp8Scale(nnx.Variable):
+    """fp32 block scales of a weight stored in E4M3 (``weight_scale_inv`` in DeepSeek's FP8 checkpoints):
+    weight = e4m3 value x scale, one scale per 128 x 128 block of the ``[in, out]`` matrix. Not trained."""
+
+
+# DeepSeek's FP8 checkpoints: 128 x 128 weight blocks, fp32 scales, amax floored as in their kernels.
+STORAGE_RECIPE = Fp8Recipe()
+
+
+def projection(rngs, shape, axes, param_dtype, std, *, n_in: int, fp8_weights: bool, n_lead: int = 0):
+    """A projection weight ``[lead..., in..., out...]`` (``n_in`` input axes after ``n_lead`` stacked ones).
+
+    Returns ``(weight, scale)``: with ``fp8_weights`` the weight is stored in E4M3 and ``scale`` is its
+    :class:`Fp8Scale` over 128x128 blocks of the flattened ``[in, out]`` matrix (HF's block layout
+    transposed); otherwise a float ``nnx.Param`` and None.
+    """
+    p = param(rngs, shape, axes, param_dtype, std)
+    if not fp8_weights:
+        return p, None
+    q, s = quantize_blocks(_as_matrix(p.get_value(), n_in, n_lead), STORAGE_RECIPE)
+    return nnx.Param(q.reshape(shape), logical_axes=axes), Fp8Scale(s, logical_axes=(*axes[:n_lead], None, None))
+
+
+def _as_matrix(w, n_in: int, n_lead: int = 0):
+    lead, rest = w.shape[:n_lead], w.shape[n_lead:]
+    k = 1
+    for dim in rest[:n_in]:
+        k *= dim
+    return w.reshape(*lead, k, -1)
+
+
+def float_weight(w, scale, dtype, *, n_in: int, n_lead: int = 0):
+    """The weight in ``dtype``, dequantised block by block when it is stored in fp8 (``scale`` not None)."""
+    if scale is None:
+        return w.astype(dtype)
+    return dequantize_blocks(_as_matrix(w, n_in, n_lead), scale, STORAGE_RECIPE.block, dtype).reshape(w.shape)
+
+
+def project(x, w, scale, *, n_in: int, fp8: Fp8Recipe | None):
+    """``x [..., in...] . w [in..., out...] -> [..., out...]`` (contracting the last ``n_in`` axes of x).
+
+    With ``fp8`` the product is DeepSeek's fine-grained FP8 GEMM (:func:`dsjax.ops.fp8.fp8_matmul`) over the
+    flattened ``[in, out]`` matrix; otherwise a plain dot in ``x.dtype`` (fp8-stored weights dequantised first).
+    """
+    if fp8 is None:
+        return jnp.tensordot(x, float_weight(w, scale, x.dtype, n_in=n_in), axes=n_in)
+    lead = x.shape[: x.ndim - n_in]
+    w2 = _as_matrix(w, n_in)
+    y = fp8_matmul(x.reshape(*lead, w2.shape[0]), w2, fp8, scale)  # float weights quantised from master precision
+    return y.reshape(*lead, *w.shape[n_in:])
 
 
 class RMSNorm(nnx.Module):
@@ -46,15 +100,34 @@ def config_norm(cfg, dim: int, axis_name: str, param_dtype) -> RMSNorm:
 class MLP(nnx.Module):
     """SwiGLU FFN ``down(silu(x W_gate) * x W_up)``: the dense layers and the fused shared experts."""
 
-    def __init__(self, dim: int, width: int, width_axis: str, *, rngs: nnx.Rngs, param_dtype, std: float):
-        self.w_gate = param(rngs, (dim, width), ("embed", width_axis), param_dtype, std)
-        self.w_up = param(rngs, (dim, width), ("embed", width_axis), param_dtype, std)
-        self.w_down = param(rngs, (width, dim), (width_axis, "embed"), param_dtype, std)
+    def __init__(
+        self,
+        dim: int,
+        width: int,
+        width_axis: str,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        std: float,
+        fp8: Fp8Recipe | None = None,
+        fp8_weights: bool = False,
+    ):
+        self.fp8 = fp8
+        make = dict(n_in=1, fp8_weights=fp8_weights)
+        self.w_gate, self.w_gate_scale = projection(rngs, (dim, width), ("embed", width_axis), param_dtype, std, **make)
+        self.w_up, self.w_up_scale = projection(rngs, (dim, width), ("embed", width_axis), param_dtype, std, **make)
+        self.w_down, self.w_down_scale = projection(rngs, (width, dim), (width_axis, "embed"), param_dtype, std, **make)
 
     def __call__(self, x_btd):
-        gate = x_btd @ self.w_gate[...].astype(x_btd.dtype)
-        up = x_btd @ self.w_up[...].astype(x_btd.dtype)
-        return swiglu(gate, up) @ self.w_down[...].astype(x_btd.dtype)
+        def proj(x, name):
+            return project(x, getattr(self, name)[...], _value(getattr(self, name + "_scale")), n_in=1, fp8=self.fp8)
+
+        return proj(swiglu(proj(x_btd, "w_gate"), proj(x_btd, "w_up")), "w_down")
+
+
+def _value(var):
+    """A variable's array, or None for an absent (None) one."""
+    return None if var is None else var[...]
 
 
 def stacked(n: int, make: Callable[[nnx.Rngs], M], rngs: nnx.Rngs) -> M:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
-from dsjax.layers.common import config_norm, param
+from dsjax.layers.common import _value, config_norm, float_weight, project, projection
 from dsjax.ops.attention import mla_absorbed, mla_naive
 from dsjax.ops.rope import apply_rope
 
@@ -17,6 +17,9 @@ class MLA(nnx.Module):
 
     Weights (``[in, out]`` layout): ``wq [d, h, n+r]`` or ``wq_a [d, q]`` + ``q_norm`` + ``wq_b [q, h, n+r]``;
     ``wkv_a [d, c+r]`` (latent, then the shared RoPE key), ``kv_norm [c]``, ``wkv_b [c, h, n+v]``, ``wo [h, v, d]``.
+    With ``cfg.fp8`` every projection is a fine-grained FP8 GEMM; the attention core (scores, softmax, the
+    absorbed form's products with ``wkv_b``) stays in the compute dtype, as in DeepSeek-V3. With
+    ``cfg.fp8_weights`` each projection ``w`` is stored in E4M3 with its block scales ``w_scale``.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
@@ -24,47 +27,54 @@ class MLA(nnx.Module):
         self.nope_dim, self.rope_dim, self.kv_rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         self.compress_q = cfg.q_lora_rank is not None
+        self.fp8 = cfg.fp8
+
+        def make(shape, axes, n_in=1):
+            return projection(rngs, shape, axes, param_dtype, std, n_in=n_in, fp8_weights=cfg.fp8_weights)
+
         if not self.compress_q:
-            self.wq = param(rngs, (d, h, cfg.qk_head_dim), ("embed", "heads", "qk_head"), param_dtype, std)
+            self.wq, self.wq_scale = make((d, h, cfg.qk_head_dim), ("embed", "heads", "qk_head"))
         else:
-            self.wq_a = param(rngs, (d, cfg.q_lora_rank), ("embed", "q_lora"), param_dtype, std)
+            self.wq_a, self.wq_a_scale = make((d, cfg.q_lora_rank), ("embed", "q_lora"))
             self.q_norm = config_norm(cfg, cfg.q_lora_rank, "q_lora", param_dtype)
-            self.wq_b = param(
-                rngs, (cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"), param_dtype, std
-            )
-        self.wkv_a = param(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"), param_dtype, std)
+            self.wq_b, self.wq_b_scale = make((cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"))
+        self.wkv_a, self.wkv_a_scale = make((d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"))
         self.kv_norm = config_norm(cfg, cfg.kv_lora_rank, "kv_lora", param_dtype)
-        self.wkv_b = param(
-            rngs,
-            (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
-            ("kv_lora", "heads", "kv_head"),
-            param_dtype,
-            std,
+        self.wkv_b, self.wkv_b_scale = make(
+            (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads", "kv_head")
         )
-        self.wo = param(rngs, (h, cfg.v_head_dim, d), ("heads", "v_head", "embed"), param_dtype, std)
+        self.wo, self.wo_scale = make((h, cfg.v_head_dim, d), ("heads", "v_head", "embed"), n_in=2)
+
+    def _project(self, x, name: str, n_in: int = 1):
+        w, scale = getattr(self, name)[...], _value(getattr(self, name + "_scale"))
+        return project(x, w, scale, n_in=n_in, fp8=self.fp8)
 
     def query(self, x_btd, cos, sin):
         """``q_nope [b, t, h, n]`` and rotated ``q_pe [b, t, h, r]``."""
         if not self.compress_q:
-            q = jnp.einsum("btd,dhx->bthx", x_btd, self.wq[...].astype(x_btd.dtype))
+            q = self._project(x_btd, "wq")
         else:
-            c_q = self.q_norm(x_btd @ self.wq_a[...].astype(x_btd.dtype))
-            q = jnp.einsum("btq,qhx->bthx", c_q, self.wq_b[...].astype(x_btd.dtype))
+            q = self._project(self.q_norm(self._project(x_btd, "wq_a")), "wq_b")
         return q[..., : self.nope_dim], apply_rope(q[..., self.nope_dim :], cos, sin)
 
     def latent(self, x_btd, cos, sin):
         """What MLA caches per token: normalised ``c_kv [b, t, c]`` and rotated ``k_pe [b, t, r]``."""
-        kv_a = x_btd @ self.wkv_a[...].astype(x_btd.dtype)
+        kv_a = self._project(x_btd, "wkv_a")
         return self.kv_norm(kv_a[..., : self.kv_rank]), apply_rope(kv_a[..., self.kv_rank :], cos, sin)
 
     def attend(self, q_nope, q_pe, c_kv, k_pe, mask_bts, impl: str = "naive") -> jax.Array:
         """Attention of the queries over (possibly cached) latents, through the output projection."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention={impl!r}; choose one of {ATTENTION_IMPLS}")
-        core = mla_naive if impl == "naive" else mla_absorbed
-        wkv_b = self.wkv_b[...].astype(q_nope.dtype)
-        out = core(q_nope, q_pe, c_kv, k_pe, wkv_b, mask_bts, self.scale, nope_dim=self.nope_dim)
-        return jnp.einsum("bthv,hvd->btd", out, self.wo[...].astype(out.dtype))
+        wkv_b = float_weight(self.wkv_b[...], _value(self.wkv_b_scale), q_nope.dtype, n_in=1)
+        # In FP8 training the naive form's key/value up-projection is a Linear like the others (DeepSeek-V3);
+        # the absorbed form folds wkv_b into the attention core, which stays in the compute dtype.
+        expand = (lambda c: self._project(c, "wkv_b")) if self.fp8 is not None and impl == "naive" else None
+        if impl == "naive":
+            out = mla_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask_bts, self.scale, nope_dim=self.nope_dim, expand=expand)
+        else:
+            out = mla_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask_bts, self.scale, nope_dim=self.nope_dim)
+        return self._project(out, "wo", n_in=2)
 
     def __call__(self, x_btd, cos, sin, mask_bts, impl: str = "naive", kv_fn=None):
         """Self-attention of ``x``. With ``kv_fn(c_kv, k_pe) -> (c_kv, k_pe)`` (decoding), the new latents go

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig, Numerics
-from dsjax.layers.common import MLP, RoutingBias, param
+from dsjax.layers.common import MLP, RoutingBias, _value, float_weight, param, projection
 from dsjax.ops.ep import moe_expert_parallel
+from dsjax.ops.fp8 import blocked_matmul, grouped_matmul
 from dsjax.ops.moe import moe_blocked, moe_dense, moe_ragged
 from dsjax.ops.routing import Routing, route
 from dsjax.sharding import shard
@@ -21,9 +22,17 @@ DISPATCH_IMPLS = ("auto", *_COMBINE)
 def resolve_dispatch(dispatch: str, tokens: int | None = None, cfg: ModelConfig | None = None) -> str:
     """``auto`` picks ``ragged`` on accelerators. On CPU (where XLA's ragged_dot is slow) it picks ``blocked``,
     except for about as many tokens as experts (``k * tokens >= e`` and ``tokens <= 2e``, i.e. decoding a batch),
-    where ``dense`` reads each expert's weights once instead of gathering copies and is faster (measured)."""
+    where ``dense`` reads each expert's weights once instead of gathering copies and is faster (measured).
+    With ``cfg.fp8`` the experts run as FP8 GEMMs (grouped for ``ragged``/``ep``, per block for ``blocked``);
+    ``dense`` has no FP8 form, so ``auto`` then picks ``blocked`` on CPU."""
     if dispatch not in DISPATCH_IMPLS:
         raise ValueError(f"dispatch={dispatch!r}; choose one of {DISPATCH_IMPLS}")
+    if cfg is not None and cfg.fp8 is not None:
+        if dispatch == "dense":
+            raise ValueError("dispatch='dense' has no FP8 path; with fp8 use 'blocked', 'ragged', 'ep' or 'auto'")
+        if dispatch == "auto":
+            return "blocked" if jax.default_backend() == "cpu" else "ragged"
+        return dispatch
     if dispatch != "auto":
         return dispatch
     if jax.default_backend() != "cpu":
@@ -39,6 +48,7 @@ class MoE(nnx.Module):
     """``h' = u + shared(u) + sum_i g_i expert_i(u)``; the residual is added by the decoder layer.
 
     ``router [d, e]`` is kept in fp32 (as HF does); ``routing_bias [e]`` exists for noaux_tc only.
+    With ``cfg.fp8`` the experts (grouped) and shared experts run as FP8 GEMMs; the router stays fp32.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
@@ -47,11 +57,22 @@ class MoE(nnx.Module):
         self.router = param(rngs, (d, e), ("embed", "experts"), jnp.float32, std)
         if cfg.has_routing_bias:
             self.routing_bias = RoutingBias(jnp.zeros((e,), jnp.float32), logical_axes=("experts",))
-        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), param_dtype, std)
-        self.w_up = param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), param_dtype, std)
-        self.w_down = param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), param_dtype, std)
+        make = dict(n_in=1, n_lead=1, fp8_weights=cfg.fp8_weights)
+        up_axes, down_axes = ("experts", "embed", "moe_mlp"), ("experts", "moe_mlp", "embed")
+        self.w_gate, self.w_gate_scale = projection(rngs, (e, d, f), up_axes, param_dtype, std, **make)
+        self.w_up, self.w_up_scale = projection(rngs, (e, d, f), up_axes, param_dtype, std, **make)
+        self.w_down, self.w_down_scale = projection(rngs, (e, f, d), down_axes, param_dtype, std, **make)
         if cfg.n_shared_experts:
-            self.shared = MLP(d, cfg.shared_intermediate_size, "moe_mlp", rngs=rngs, param_dtype=param_dtype, std=std)
+            self.shared = MLP(
+                d,
+                cfg.shared_intermediate_size,
+                "moe_mlp",
+                rngs=rngs,
+                param_dtype=param_dtype,
+                std=std,
+                fp8=cfg.fp8,
+                fp8_weights=cfg.fp8_weights,
+            )
 
     def __call__(self, x_btd, dispatch: str = "auto") -> tuple[jnp.ndarray, Routing]:
         b, t, d = x_btd.shape
@@ -62,10 +83,18 @@ class MoE(nnx.Module):
         routing = route(x_md, self.router[...], bias, self.cfg)
         combine = _COMBINE[dispatch]
         accum = x_md.dtype if self.cfg.numerics == Numerics.OFFICIAL else jnp.float32
-        experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        y_md = combine(
-            x_md, routing.weights_mk, routing.experts_mk, *(w.astype(x_md.dtype) for w in experts), accum_dtype=accum
-        )
+        names = ("w_gate", "w_up", "w_down")
+        experts = [(getattr(self, n)[...], _value(getattr(self, n + "_scale"))) for n in names]
+        kwargs = {}
+        if self.cfg.fp8 is not None:  # float weights quantised from master precision; fp8 ones with their scales
+            weights = [w if s is None else (w, s) for w, s in experts]
+            if dispatch == "blocked":
+                kwargs["bmm"] = blocked_matmul(self.cfg.fp8)
+            else:
+                kwargs["gmm"] = grouped_matmul(self.cfg.fp8)
+        else:
+            weights = [float_weight(w, s, x_md.dtype, n_in=1, n_lead=1) for w, s in experts]
+        y_md = combine(x_md, routing.weights_mk, routing.experts_mk, *weights, accum_dtype=accum, **kwargs)
         y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "act_embed"))
         if self.cfg.n_shared_experts:
             y_btd = y_btd + self.shared(x_btd)

@@ -32,12 +32,13 @@ def _softmax(scores_bhts: jax.Array, mask_bts: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def mla_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, *, nope_dim: int):
+def mla_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, *, nope_dim: int, expand=None):
     """Expand the latent into per-head keys and values, then attend (the training / prefill form).
 
     Args:
       q_nope: ``[b, t, h, n]``; q_pe: ``[b, t, h, r]`` (rotated); c_kv: ``[b, s, c]``; k_pe: ``[b, s, r]``
-      (rotated); wkv_b: ``[c, h, n + v]``; mask: ``[b, t, s]`` bool; scale: softmax scale.
+      (rotated); wkv_b: ``[c, h, n + v]``; mask: ``[b, t, s]`` bool; scale: softmax scale;
+      expand: optional ``c_kv -> [b, s, h, n + v]`` used instead of the product with ``wkv_b`` (FP8 GEMMs).
     Returns:
       ``[b, t, h, v]`` attention output, in ``q_nope.dtype``.
     """
@@ -45,7 +46,10 @@ def mla_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, *, nope_dim: int):
     # transposes the [b, h, t, s] score tensor around each of two [b, t, h, *] einsums (17-38% of a forward).
     b, h = q_nope.shape[0], q_nope.shape[2]
     s, r = k_pe.shape[1], k_pe.shape[-1]
-    kv = jnp.einsum("bsc,chx->bhsx", c_kv, wkv_b)
+    if expand is None:
+        kv = jnp.einsum("bsc,chx->bhsx", c_kv, wkv_b)
+    else:
+        kv = expand(c_kv).transpose(0, 2, 1, 3)
     k = jnp.concatenate([kv[..., :nope_dim], jnp.broadcast_to(k_pe[:, None], (b, h, s, r))], axis=-1)
     q = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
     probs = _softmax(jnp.einsum("bhtx,bhsx->bhts", q, k) * scale, mask).astype(kv.dtype)

@@ -46,23 +46,27 @@ def moe_expert_parallel(
     accum_dtype=jnp.float32,
     expert_axis: str = "expert",
     token_axes: tuple[str, ...] = ("data", "expert"),
+    gmm=None,
 ):
     """Routed-expert output ``[m, d]``, like :func:`dsjax.ops.moe.moe_ragged` but expert-parallel.
 
     Call under ``jax.set_mesh(mesh)`` (inside or outside ``jit``). ``x_md``, ``weights_mk`` and ``experts_mk``
     (global expert ids) are sharded over ``token_axes`` (mesh axes absent from the mesh are ignored); the expert
     weights over ``expert_axis``. Without an active mesh, or with ``expert_axis`` absent or of size 1, this is
-    ``moe_ragged``. The output is sharded like ``x_md``.
+    ``moe_ragged``. The output is sharded like ``x_md``. ``gmm`` replaces ``ragged_dot`` as in ``moe_ragged``
+    (expert weights may then be pytrees, e.g. FP8 ``(e4m3, scales)`` pairs, all sharded on their expert axis).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or expert_axis not in mesh.axis_names or mesh.shape[expert_axis] == 1:
-        return moe_ragged(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, accum_dtype=accum_dtype)
+        return moe_ragged(
+            x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, accum_dtype=accum_dtype, gmm=gmm
+        )
 
     num_shards = mesh.shape[expert_axis]
     token_axes = tuple(a for a in token_axes if a in mesh.axis_names)
     if expert_axis not in token_axes:
         raise ValueError(f"token_axes {token_axes} must include the expert axis {expert_axis!r}")
-    num_experts = w_gate_edf.shape[0]
+    num_experts = jax.tree.leaves(w_gate_edf)[0].shape[0]
     if num_experts % num_shards:
         raise ValueError(f"{num_experts} experts do not split over {num_shards} {expert_axis!r} shards")
     token_shards = 1
@@ -76,7 +80,16 @@ def moe_expert_parallel(
 
     def local(x, weights, experts, w_gate, w_up, w_down):
         return _moe_local(
-            x, weights, experts, w_gate, w_up, w_down, accum_dtype=accum_dtype, axis=expert_axis, shards=num_shards
+            x,
+            weights,
+            experts,
+            w_gate,
+            w_up,
+            w_down,
+            accum_dtype=accum_dtype,
+            axis=expert_axis,
+            shards=num_shards,
+            gmm=gmm or jax.lax.ragged_dot,
         )
 
     return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok)(
@@ -84,11 +97,11 @@ def moe_expert_parallel(
     )
 
 
-def _moe_local(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype, axis, shards):
+def _moe_local(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype, axis, shards, gmm):
     """The per-device body: bucket, all_to_all, local grouped FFN, all_to_all back, combine."""
     m, k = experts_mk.shape
     d = x_md.shape[1]
-    local_experts = w_gate_edf.shape[0]
+    local_experts = jax.tree.leaves(w_gate_edf)[0].shape[0]
     slots = m * k
     cap = slots  # rows per destination shard: the worst case, every local slot to one shard (dropless)
 
@@ -113,9 +126,9 @@ def _moe_local(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *
     group_sizes = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
     valid = (jnp.arange(shards * cap) < group_sizes.sum())[:, None]
     x_sorted = recv_x[r_order]
-    gate = jnp.where(valid, jax.lax.ragged_dot(x_sorted, w_gate_edf, group_sizes), 0)
-    up = jnp.where(valid, jax.lax.ragged_dot(x_sorted, w_up_edf, group_sizes), 0)
-    y_sorted = jax.lax.ragged_dot(swiglu(gate, up), w_down_efd, group_sizes)
+    gate = jnp.where(valid, gmm(x_sorted, w_gate_edf, group_sizes), 0)
+    up = jnp.where(valid, gmm(x_sorted, w_up_edf, group_sizes), 0)
+    y_sorted = gmm(swiglu(gate, up), w_down_efd, group_sizes)
     y_recv = jnp.zeros_like(y_sorted).at[r_order].set(y_sorted)
 
     back = jax.lax.all_to_all(y_recv.reshape(shards, cap, d), axis, 0, 0).reshape(shards * cap, d)

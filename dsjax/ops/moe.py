@@ -13,22 +13,25 @@ def swiglu(gate, up):
     return jax.nn.silu(gate) * up
 
 
-def moe_ragged(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32):
+def moe_ragged(
+    x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32, gmm=None
+):
     """Routed-expert output ``[m, d]`` via ``jax.lax.ragged_dot`` over expert-sorted token slots.
 
     Every (token, expert) pair is computed (no capacity, no dropping). Outputs are weighted, un-sorted and
     summed over the k experts of each token in ``accum_dtype`` (fp32 as HF; bf16 as DeepSeek's code).
+    ``gmm(x, w, group_sizes)`` replaces ``ragged_dot`` for the three grouped GEMMs (e.g. the FP8 one, whose
+    weights may be ``(e4m3, scales)`` pairs).
     """
+    gmm = gmm or jax.lax.ragged_dot
     m, k = experts_mk.shape
-    num_experts = w_gate_edf.shape[0]
+    num_experts = jax.tree.leaves(w_gate_edf)[0].shape[0]
     flat = experts_mk.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # slot ids grouped by expert
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     x_sorted = x_md[order // k]
-    hidden = swiglu(
-        jax.lax.ragged_dot(x_sorted, w_gate_edf, group_sizes), jax.lax.ragged_dot(x_sorted, w_up_edf, group_sizes)
-    )
-    y_sorted = jax.lax.ragged_dot(hidden, w_down_efd, group_sizes)
+    hidden = swiglu(gmm(x_sorted, w_gate_edf, group_sizes), gmm(x_sorted, w_up_edf, group_sizes))
+    y_sorted = gmm(hidden, w_down_efd, group_sizes)
     y_slots = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(m, k, -1)
     return jnp.einsum("mkd,mk->md", y_slots.astype(accum_dtype), weights_mk.astype(accum_dtype)).astype(x_md.dtype)
 
@@ -50,7 +53,16 @@ def moe_dense(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *,
 
 
 def moe_blocked(
-    x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32, block: int | None = None
+    x_md,
+    weights_mk,
+    experts_mk,
+    w_gate_edf,
+    w_up_edf,
+    w_down_efd,
+    *,
+    accum_dtype=jnp.float32,
+    block: int | None = None,
+    bmm=None,
 ):
     """Dropless grouped matmul as a batched matmul over fixed-size blocks (a CPU fast path).
 
@@ -58,9 +70,16 @@ def moe_blocked(
     block belongs to one expert; the blocks then run as one batched matmul against their experts' weights.
     XLA:CPU lowers ``ragged_dot`` to slow loops, which this avoids. The cost is gathering a copy of the expert
     weights per block (``blocks * d * f`` values), fine for small models; accelerators should use ``ragged``.
+    ``bmm(x [n, b, k], w, block_expert [n]) -> [n, b, out]`` replaces the batched matmul against the gathered
+    weights ``w[block_expert]`` (e.g. the FP8 one, whose weights may be ``(e4m3, scales)`` pairs).
     """
     m, k = experts_mk.shape
-    num_experts, d, _ = w_gate_edf.shape
+    num_experts, d, _ = jax.tree.leaves(w_gate_edf)[0].shape
+    if bmm is None:
+
+        def bmm(x, w, block_expert):
+            return jnp.einsum("nbd,ndf->nbf", x, w[block_expert])
+
     slots = m * k
     if block is None:  # about one block per expert on average: few weight copies, little padding
         block = int(min(256, 2 ** round(math.log2(max(slots // num_experts, 1)))))
@@ -80,10 +99,7 @@ def moe_blocked(
         jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right"), num_experts - 1
     )
     xb = x_rows.reshape(num_blocks, block, d)
-    hidden = swiglu(
-        jnp.einsum("nbd,ndf->nbf", xb, w_gate_edf[block_expert]),
-        jnp.einsum("nbd,ndf->nbf", xb, w_up_edf[block_expert]),
-    )
-    y_rows = jnp.einsum("nbf,nfd->nbd", hidden, w_down_efd[block_expert]).reshape(-1, d)
+    hidden = swiglu(bmm(xb, w_gate_edf, block_expert), bmm(xb, w_up_edf, block_expert))
+    y_rows = bmm(hidden, w_down_efd, block_expert).reshape(-1, d)
     y_slots = jnp.zeros((slots, d), y_rows.dtype).at[order].set(y_rows[row], unique_indices=True).reshape(m, k, d)
     return jnp.einsum("mkd,mk->md", y_slots.astype(accum_dtype), weights_mk.astype(accum_dtype)).astype(x_md.dtype)

@@ -1,0 +1,413 @@
+"""Fine-grained FP8 GEMMs after DeepSeek-V3 (arXiv 2412.19437 §3.3), stateless and differentiable.
+
+Quantisation (all tensors E4M3, online scales, no amax history):
+
+* activations and activation gradients: ``1 x B`` tiles along the contraction (one scale per token per ``B``
+  channels), ``B = recipe.block = 128``;
+* weights: ``B x B`` blocks (one scale per block, so the transpose reuses them);
+* scale ``s = max(amax, amax_floor) / 448`` (optionally rounded up to a power of two); values are divided by
+  ``s`` and clipped to +-448 before the cast, because E4M3 casts do not saturate (500 would become NaN).
+  Gradient tiles use ``grad_amax_floor`` instead (see :class:`~dsjax.config.Fp8Recipe`).
+
+``fp8_matmul(x, w)``: forward ``y = x . w`` with x in 1xB tiles and w in BxB blocks; backward ``dx = g . w^T``
+with g in 1xB tiles along N (the weight blocks transposed), and ``dw = x^T . g`` with x (dequantised from its
+cached fp8 tiles) and g both re-tiled ``B x 1`` along the tokens, the contraction of that GEMM. Dimensions that
+are not multiples of ``B`` are zero-padded before the scales are computed, so padding never changes a scale.
+
+Backends (``recipe.backend``): ``blocked`` splits the contraction into B-long slices, multiplies fp8 x fp8 with
+fp32 accumulation and applies both scales to each slice's partial sums before adding them up -- the promotion
+every 128 elements of DeepSeek's kernels (on GPU/TPU the slices are one batched dot; it materialises an fp32
+``[K/B, M, N]`` intermediate, so it is a faithful emulation, not a fast kernel). ``reference`` dequantises both
+operands and does one fp32 dot: the oracle the tests hold ``blocked`` to.
+
+``fp8_ragged_dot`` is the grouped version for the experts: rows sorted by expert, ``w [E, K, N]`` with BxB
+blocks per expert; its weight gradient tiles the tokens ``B x 1`` within each expert's rows.
+
+Both accept weights that are already fp8 (``w_scale`` given, e.g. loaded from an FP8 checkpoint); then only
+the input gradient flows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.config import Fp8Recipe
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_axis(x, axis: int, size: int):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, extra)
+    return jnp.pad(x, pad)
+
+
+def _exact_div(a, b):
+    """``a / b`` as an IEEE division. XLA rewrites division by a constant or a broadcast into multiplication by
+    a reciprocal (1 ulp off in about half the scales, which flips rare E4M3 roundings); an optimisation barrier
+    on the materialised divisor keeps the recipe's division, so results are bit-exact with NumPy/PyTorch."""
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, a.shape).astype(a.dtype))
+
+
+def tile_scale(amax, recipe: Fp8Recipe):
+    """``max(amax, floor) / 448`` in fp32, rounded up to a power of two if ``recipe.pow2_scales``."""
+    s = _exact_div(jnp.maximum(amax.astype(jnp.float32), recipe.amax_floor), E4M3_MAX)
+    if recipe.pow2_scales:
+        mant, exp = jnp.frexp(s)  # s = mant * 2^exp, mant in [0.5, 1): 2^ceil(log2 s) exactly, no log rounding
+        s = jnp.ldexp(jnp.ones_like(s), jnp.where(mant == 0.5, exp - 1, exp))
+    return s
+
+
+def _cast(x, s):
+    return jnp.clip(_exact_div(x, s), -E4M3_MAX, E4M3_MAX).astype(E4M3)
+
+
+def quantize_rows(x, recipe: Fp8Recipe):
+    """``x [..., K]`` in ``1 x B`` tiles along the last axis -> ``(q [..., K] e4m3, s [..., ceil(K/B)] fp32)``."""
+    b = recipe.block
+    *lead, k = x.shape
+    kb = _cdiv(k, b)
+    tiles = _pad_axis(x.astype(jnp.float32), -1, kb * b).reshape(*lead, kb, b)
+    s = tile_scale(jnp.max(jnp.abs(tiles), axis=-1), recipe)
+    q = _cast(tiles, s[..., None]).reshape(*lead, kb * b)[..., :k]
+    return q, s
+
+
+def dequantize_rows(q, s, block: int, dtype=jnp.float32):
+    """Inverse of :func:`quantize_rows` (up to rounding): ``q * s`` tile by tile."""
+    *lead, k = q.shape
+    kb = s.shape[-1]
+    tiles = _pad_axis(q.astype(jnp.float32), -1, kb * block).reshape(*lead, kb, block)
+    return (tiles * s[..., None]).reshape(*lead, kb * block)[..., :k].astype(dtype)
+
+
+def quantize_blocks(w, recipe: Fp8Recipe):
+    """``w [..., K, N]`` in ``B x B`` blocks over the last two axes -> ``(q e4m3, s [..., K/B, N/B] fp32)``."""
+    b = recipe.block
+    *lead, k, n = w.shape
+    kb, nb = _cdiv(k, b), _cdiv(n, b)
+    padded = _pad_axis(_pad_axis(w.astype(jnp.float32), -2, kb * b), -1, nb * b)
+    blocks = padded.reshape(*lead, kb, b, nb, b)
+    s = tile_scale(jnp.max(jnp.abs(blocks), axis=(-3, -1)), recipe)
+    q = _cast(blocks, s[..., :, None, :, None]).reshape(*lead, kb * b, nb * b)[..., :k, :n]
+    return q, s
+
+
+def dequantize_blocks(q, s, block: int, dtype=jnp.float32):
+    """Inverse of :func:`quantize_blocks`: ``q * s`` block by block (how FP8 checkpoints are dequantised)."""
+    *lead, k, n = q.shape
+    kb, nb = s.shape[-2:]
+    padded = _pad_axis(_pad_axis(q.astype(jnp.float32), -2, kb * block), -1, nb * block)
+    blocks = padded.reshape(*lead, kb, block, nb, block) * s[..., :, None, :, None]
+    return blocks.reshape(*lead, kb * block, nb * block)[..., :k, :n].astype(dtype)
+
+
+def _dequantize_cols(wq, sw, block: int, col_block: int):
+    """``wq [K, N]`` with ``sw [K/B, N/col_block]`` (col_block = B: weight blocks; 1: 128x1 tiles) -> fp32."""
+    k, n = wq.shape
+    kb, ns = sw.shape
+    padded = _pad_axis(_pad_axis(wq.astype(jnp.float32), 0, kb * block), 1, ns * col_block)
+    return (padded.reshape(kb, block, ns, col_block) * sw[:, None, :, None]).reshape(kb * block, ns * col_block)
+
+
+def gemm(xq, sx, wq, sw, *, col_block: int, recipe: Fp8Recipe):
+    """``x . w`` in fp32 from ``xq [M, K]`` (1xB tiles, ``sx [M, K/B]``) and ``wq [K, N]`` whose scales
+    ``sw [K/B, N/col_block]`` cover ``B x col_block`` tiles. Returns ``[M, N]`` fp32."""
+    b = recipe.block
+    m, k = xq.shape
+    n = wq.shape[1]
+    kb, ns = sw.shape
+    if recipe.backend == "reference":
+        x = dequantize_rows(xq, sx, b)
+        w = _dequantize_cols(wq, sw, b, col_block)[:k, :n]
+        return jnp.dot(x, w, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    x3 = _pad_axis(xq, 1, kb * b).reshape(m, kb, b)
+    w3 = _pad_axis(_pad_axis(wq, 0, kb * b), 1, ns * col_block).reshape(kb, b, ns * col_block)
+    partial = jax.lax.dot_general(x3, w3, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.float32)
+    scale = sx.T[:, :, None] * jnp.repeat(sw, col_block, axis=1)[:, None, :]  # [K/B, M, N]
+    return jnp.sum(partial * scale, axis=0)[:, :n]
+
+
+# ---- dense linear ----------------------------------------------------------------------------------------------
+
+
+def _vma(x) -> frozenset:
+    """The mesh axes ``x`` varies along inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; earlier releases call it ``vma``
+    return frozenset(getattr(mat, "varying", ()) if mat is not None else getattr(aval, "vma", ()))
+
+
+def _reductions(x, w) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Inside ``shard_map``: the mesh axes to psum ``dx`` and ``dw`` over -- those the other operand (hence the
+    gradient) varies along but the primal does not, e.g. an expert weight's gradient over the data axis. They
+    are read here, at trace time, because the backward rule's avals carry no varying-axes information."""
+    vx, vw = _vma(x), _vma(w)
+    return tuple(sorted(vw - vx)), tuple(sorted(vx - vw))
+
+
+def _reduce(ct, axes: tuple[str, ...], dtype):
+    return (jax.lax.psum(ct, axes) if axes else ct).astype(dtype)
+
+
+def _grad_recipe(recipe: Fp8Recipe) -> Fp8Recipe:
+    """The recipe for gradient tiles: the same, with ``grad_amax_floor`` (see :class:`Fp8Recipe`)."""
+    return dataclasses.replace(recipe, amax_floor=recipe.grad_amax_floor)
+
+
+def _wgrad(xq, sx, g, recipe: Fp8Recipe):
+    """``dw = x^T . g`` with both re-tiled ``B x 1`` along the tokens (the contraction)."""
+    x = dequantize_rows(xq, sx, recipe.block)
+    xtq, sxt = quantize_rows(x.T, recipe)  # [K, M], tiles along M
+    gtq, sgt = quantize_rows(g.T, _grad_recipe(recipe))  # [N, M]
+    return gemm(xtq, sxt, gtq.T, sgt.T, col_block=1, recipe=recipe)
+
+
+def _dgrad(g, wq, sw, recipe: Fp8Recipe):
+    """``dx = g . w^T`` with g in 1xB tiles along N and the transposed weight blocks."""
+    gq, sg = quantize_rows(g, _grad_recipe(recipe))
+    return gemm(gq, sg, wq.T, sw.T, col_block=recipe.block, recipe=recipe)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _linear(recipe, axes, x, w):
+    return _linear_fwd(recipe, axes, x, w)[0]
+
+
+def _linear_fwd(recipe, axes, x, w):
+    xq, sx = quantize_rows(x, recipe)
+    wq, sw = quantize_blocks(w, recipe)
+    y = gemm(xq, sx, wq, sw, col_block=recipe.block, recipe=recipe).astype(x.dtype)
+    return y, (xq, sx, wq, sw, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _linear_bwd(recipe, axes, res, g):
+    xq, sx, wq, sw, x_dtype, w_dtype = res
+    dx = _dgrad(g, wq, sw, recipe)
+    dw = _wgrad(xq, sx, g, recipe)
+    return _reduce(dx, axes[0], x_dtype.dtype), _reduce(dw, axes[1], w_dtype.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _linear_q(recipe, axes, x, wq, sw):
+    return _linear_q_fwd(recipe, axes, x, wq, sw)[0]
+
+
+def _linear_q_fwd(recipe, axes, x, wq, sw):
+    xq, sx = quantize_rows(x, recipe)
+    y = gemm(xq, sx, wq, sw, col_block=recipe.block, recipe=recipe).astype(x.dtype)
+    return y, (wq, sw, jnp.zeros((), x.dtype))
+
+
+def _linear_q_bwd(recipe, axes, res, g):
+    wq, sw, x_dtype = res
+    return _reduce(_dgrad(g, wq, sw, recipe), axes[0], x_dtype.dtype), jnp.zeros_like(wq), jnp.zeros_like(sw)
+
+
+_linear_q.defvjp(_linear_q_fwd, _linear_q_bwd)
+
+
+def fp8_matmul(x, w, recipe: Fp8Recipe, w_scale=None):
+    """``x [..., K] . w [K, N]`` as a fine-grained FP8 GEMM; output in ``x.dtype``.
+
+    ``w`` is a float weight (quantised here, gradient returned in its dtype), or an E4M3 weight with its
+    ``w_scale [ceil(K/B), ceil(N/B)]`` block scales (no weight gradient).
+    """
+    *lead, k = x.shape
+    if w.ndim != 2 or w.shape[0] != k:
+        raise ValueError(f"fp8_matmul: x {x.shape} and w {w.shape} do not contract (w must be [K, N])")
+    x2 = x.reshape(-1, k)
+    axes = _reductions(x2, w)
+    y = _linear(recipe, axes, x2, w) if w_scale is None else _linear_q(recipe, axes, x2, w, w_scale)
+    return y.reshape(*lead, w.shape[1])
+
+
+# ---- grouped (expert) GEMM -------------------------------------------------------------------------------------
+
+
+def _row_experts(group_sizes, rows: int):
+    """Expert of every row of an expert-sorted batch; ``E`` for rows past the last group."""
+    return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows), side="right")
+
+
+def _ragged_gemm(xq, sx, wq, sw, group_sizes, *, col_block: int, recipe: Fp8Recipe):
+    """Grouped ``x_rows . w[expert(row)]`` in fp32: ``xq [S, K]`` 1xB tiles, ``wq [E, K, N]`` with
+    ``sw [E, K/B, N/col_block]``. Rows past ``sum(group_sizes)`` give zeros (as ``ragged_dot``)."""
+    b = recipe.block
+    s_rows, k = xq.shape
+    e, _, n = wq.shape
+    kb, ns = sw.shape[1:]
+    if recipe.backend == "reference":
+        x = dequantize_rows(xq, sx, b)
+        w = jax.vmap(lambda q, s: _dequantize_cols(q, s, b, col_block))(wq, sw)[:, :k, :n]
+        return jax.lax.ragged_dot(x, w, group_sizes, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    row_expert = _row_experts(group_sizes, s_rows)
+    experts = jnp.minimum(row_expert, e - 1)
+    # Rows past the last group give 0 (as ragged_dot), even if their scale is inf (0 * inf would be NaN).
+    sx = jnp.where((row_expert < e)[:, None], sx, 0.0)
+    x3 = _pad_axis(xq, 1, kb * b).reshape(s_rows, kb, b).transpose(1, 0, 2)  # [K/B, S, B]
+    w4 = _pad_axis(_pad_axis(wq, 1, kb * b), 2, ns * col_block)
+    w4 = w4.reshape(e, kb, b, ns * col_block).transpose(1, 0, 2, 3)  # [K/B, E, B, N']
+    row_scale = sw.transpose(1, 0, 2)[:, experts]  # [K/B, S, N/col_block]
+
+    def slice_step(acc, inputs):
+        xs, ws, sxs, sws = inputs
+        part = jax.lax.ragged_dot(xs, ws, group_sizes, preferred_element_type=jnp.float32)
+        return acc + part * sxs[:, None] * jnp.repeat(sws, col_block, axis=1), None
+
+    slices = (x3, w4, sx.T, row_scale)
+    # The first slice starts the sum (a zeros carry would lack the shard_map "varying" type of the others).
+    acc, _ = slice_step(0.0, jax.tree.map(lambda a: a[0], slices))
+    if kb > 1:
+        acc, _ = jax.lax.scan(slice_step, acc, jax.tree.map(lambda a: a[1:], slices))
+    return acc[:, :n]
+
+
+def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe):
+    """``dw[e] = x_e^T . g_e`` with x and g re-tiled ``B x 1`` along the tokens *within* each expert's rows
+    (a tile never mixes two experts' tokens). Returns ``[E, K, N]`` fp32."""
+    b = recipe.block
+    s_rows, k = xq.shape
+    e = group_sizes.shape[0]
+    n = g.shape[1]
+    row_expert = _row_experts(group_sizes, s_rows)
+    valid = row_expert < e
+    ex = jnp.minimum(row_expert, e - 1)
+    rank = jnp.arange(s_rows) - (jnp.cumsum(group_sizes) - group_sizes)[ex]
+    tiles_per = (group_sizes + b - 1) // b
+    num_tiles = s_rows // b + e  # static bound on sum_e ceil(c_e / B)
+    tile = jnp.where(valid, (jnp.cumsum(tiles_per) - tiles_per)[ex] + rank // b, num_tiles)  # dump id for padding
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(jnp.cumsum(tiles_per), jnp.arange(num_tiles + 1), side="right"), e - 1
+    )
+
+    def tile_quantize(v, tile_recipe):  # v [S, C] fp32 -> q [S, C], s [T + 1, C]
+        v = jnp.where(valid[:, None], v, 0.0)
+        amax = jax.ops.segment_max(jnp.abs(v), tile, num_segments=num_tiles + 1)
+        s = tile_scale(amax, tile_recipe)
+        return _cast(v, s[tile]), s
+
+    xtq, sxt = tile_quantize(dequantize_rows(xq, sx, b), recipe)
+    gtq, sgt = tile_quantize(g.astype(jnp.float32), _grad_recipe(recipe))
+    if recipe.backend == "reference":
+        x = xtq.astype(jnp.float32) * sxt[tile]
+        gd = gtq.astype(jnp.float32) * sgt[tile]
+        _, pullback = jax.vjp(
+            lambda w: jax.lax.ragged_dot(x, w, group_sizes, precision=_HIGHEST), jnp.zeros((e, k, n), jnp.float32)
+        )
+        return pullback(gd)[0]
+    pos = rank % b
+    x_tiles = jnp.zeros((num_tiles + 1, b, k), E4M3).at[tile, pos].set(xtq)
+    g_tiles = jnp.zeros((num_tiles + 1, b, n), E4M3).at[tile, pos].set(gtq)
+    part = jax.lax.dot_general(x_tiles, g_tiles, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    part = part * sxt[:, :, None] * sgt[:, None, :]  # [T + 1, K, N]
+    return jax.ops.segment_sum(part[:num_tiles], tile_expert[:num_tiles], num_segments=e)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _grouped(recipe, axes, x, w, group_sizes):
+    return _grouped_fwd(recipe, axes, x, w, group_sizes)[0]
+
+
+def _grouped_fwd(recipe, axes, x, w, group_sizes):
+    xq, sx = quantize_rows(x, recipe)
+    wq, sw = quantize_blocks(w, recipe)
+    y = _ragged_gemm(xq, sx, wq, sw, group_sizes, col_block=recipe.block, recipe=recipe).astype(x.dtype)
+    return y, (xq, sx, wq, sw, group_sizes, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _grouped_dgrad(g, wq, sw, group_sizes, recipe):
+    gq, sg = quantize_rows(g, _grad_recipe(recipe))
+    wt, swt = wq.transpose(0, 2, 1), sw.transpose(0, 2, 1)
+    return _ragged_gemm(gq, sg, wt, swt, group_sizes, col_block=recipe.block, recipe=recipe)
+
+
+def _int_zero(group_sizes):
+    return np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+def _grouped_bwd(recipe, axes, res, g):
+    xq, sx, wq, sw, group_sizes, x_dtype, w_dtype = res
+    dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe)
+    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe)
+    return _reduce(dx, axes[0], x_dtype.dtype), _reduce(dw, axes[1], w_dtype.dtype), _int_zero(group_sizes)
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _grouped_q(recipe, axes, x, wq, sw, group_sizes):
+    return _grouped_q_fwd(recipe, axes, x, wq, sw, group_sizes)[0]
+
+
+def _grouped_q_fwd(recipe, axes, x, wq, sw, group_sizes):
+    xq, sx = quantize_rows(x, recipe)
+    y = _ragged_gemm(xq, sx, wq, sw, group_sizes, col_block=recipe.block, recipe=recipe).astype(x.dtype)
+    return y, (wq, sw, group_sizes, jnp.zeros((), x.dtype))
+
+
+def _grouped_q_bwd(recipe, axes, res, g):
+    wq, sw, group_sizes, x_dtype = res
+    dx = _reduce(_grouped_dgrad(g, wq, sw, group_sizes, recipe), axes[0], x_dtype.dtype)
+    return dx, jnp.zeros_like(wq), jnp.zeros_like(sw), _int_zero(group_sizes)
+
+
+_grouped_q.defvjp(_grouped_q_fwd, _grouped_q_bwd)
+
+
+def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
+    """Grouped FP8 GEMM: ``x [S, K]`` rows sorted by expert, ``w [E, K, N]``, ``group_sizes [E]`` -> ``[S, N]``.
+
+    Same contract as ``jax.lax.ragged_dot``; ``w`` float (quantised here in BxB blocks per expert) or E4M3 with
+    ``w_scale [E, ceil(K/B), ceil(N/B)]``.
+    """
+    group_sizes = group_sizes.astype(jnp.int32)
+    axes = _reductions(x, w)
+    if w_scale is None:
+        return _grouped(recipe, axes, x, w, group_sizes)
+    return _grouped_q(recipe, axes, x, w, w_scale, group_sizes)
+
+
+def grouped_matmul(recipe: Fp8Recipe):
+    """A ``gmm(x, w, group_sizes)`` for :func:`dsjax.ops.moe.moe_ragged` / expert parallelism: ``w`` a float
+    ``[E, K, N]`` or an ``(e4m3 [E, K, N], scales [E, K/B, N/B])`` pair."""
+
+    def gmm(x, w, group_sizes):
+        if isinstance(w, tuple):
+            return fp8_ragged_dot(x, w[0], group_sizes, recipe, w_scale=w[1])
+        return fp8_ragged_dot(x, w, group_sizes, recipe)
+
+    return gmm
+
+
+def blocked_matmul(recipe: Fp8Recipe):
+    """A ``bmm(x [n, b, K], w, block_expert [n])`` for :func:`dsjax.ops.moe.moe_blocked`: each block of rows
+    (one expert's) times its expert's weight as an FP8 GEMM. Weight blocks are quantised per expert (a gathered
+    copy quantises to the same values); the weight gradient's 128x1 token tiles stay within one block, hence
+    within one expert. ``w``: float ``[E, K, N]`` or an ``(e4m3, scales)`` pair."""
+
+    def bmm(x, w, block_expert):
+        if isinstance(w, tuple):
+            q, s = w
+            return jax.vmap(lambda xb, qb, sb: fp8_matmul(xb, qb, recipe, sb))(x, q[block_expert], s[block_expert])
+        return jax.vmap(lambda xb, wb: fp8_matmul(xb, wb, recipe))(x, w[block_expert])
+
+    return bmm
