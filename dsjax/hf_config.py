@@ -44,7 +44,12 @@ def _rope_from_hf(d: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     return theta, yarn
 
 
-FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+FP8_QUANTIZATION = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
 
 
 def _fp8_weights_from_hf(d: dict[str, Any]) -> bool:

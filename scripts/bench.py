@@ -23,6 +23,7 @@ import sys
 
 import bench_decode  # noqa: F401  (each mode module registers itself)
 import bench_forward  # noqa: F401
+import bench_fp8  # noqa: F401
 import bench_grpo  # noqa: F401
 import bench_train  # noqa: F401
 from bench_common import CONFIGS, MODES

@@ -110,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"steps {results['steps']}: final cross-entropy (mean over steps {results['window'][0]}-{steps[-1]})")
     print(f"  bf16 {final('bf16'):.4f}   fp8 {final('fp8'):.4f}   relative gap {100 * results['relative_gap']:+.3f}%")
     if args.noise_seed >= 0:
-        print(f"  training randomness: bf16 seed {args.noise_seed} {final(noise):.4f}, "
-              f"relative gap {100 * results['seed_noise_relative_gap']:+.3f}%")
-    print(f"  throughput on this machine: bf16 {results['bf16_tokens_per_s']:.0f} tok/s, "
-          f"fp8 {results['fp8_tokens_per_s']:.0f} tok/s (CPU emulation; informational)")
+        print(
+            f"  training randomness: bf16 seed {args.noise_seed} {final(noise):.4f}, "
+            f"relative gap {100 * results['seed_noise_relative_gap']:+.3f}%"
+        )
+    print(
+        f"  throughput on this machine: bf16 {results['bf16_tokens_per_s']:.0f} tok/s, "
+        f"fp8 {results['fp8_tokens_per_s']:.0f} tok/s (CPU emulation; informational)"
+    )
     print(f"  plot: {plot_path}")
     if args.json:
         print(json.dumps(results))

@@ -279,8 +279,9 @@ def test_float_checkpoint_saved_as_fp8_loads_in_hf_format(tmp_path):
 
     reader = CheckpointReader(str(tmp_path))
     w = np.asarray(model.moe_layers.ffn.w_down.get_value()[0, 3]).T  # [out=160, in=136]
-    q, s = reader.get("model.layers.1.mlp.experts.3.down_proj.weight"), reader.get(
-        "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"
+    q, s = (
+        reader.get("model.layers.1.mlp.experts.3.down_proj.weight"),
+        reader.get("model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"),
     )
     assert q.dtype == ml_dtypes.float8_e4m3fn and s.shape == (2, 2)
     q_ref, s_ref = ref.quantize_blocks(w)

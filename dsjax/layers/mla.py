@@ -1,7 +1,6 @@
 """Multi-head Latent Attention parameters (V2 §2.1, V3 eqs 1-11)."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
@@ -70,10 +69,11 @@ class MLA(nnx.Module):
         # In FP8 training the naive form's key/value up-projection is a Linear like the others (DeepSeek-V3);
         # the absorbed form folds wkv_b into the attention core, which stays in the compute dtype.
         expand = (lambda c: self._project(c, "wkv_b")) if self.fp8 is not None and impl == "naive" else None
+        args = (q_nope, q_pe, c_kv, k_pe, wkv_b, mask_bts, self.scale)
         if impl == "naive":
-            out = mla_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask_bts, self.scale, nope_dim=self.nope_dim, expand=expand)
+            out = mla_naive(*args, nope_dim=self.nope_dim, expand=expand)
         else:
-            out = mla_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask_bts, self.scale, nope_dim=self.nope_dim)
+            out = mla_absorbed(*args, nope_dim=self.nope_dim)
         return self._project(out, "wo", n_in=2)
 
     def __call__(self, x_btd, cos, sin, mask_bts, impl: str = "naive", kv_fn=None):

@@ -46,10 +46,7 @@ def mla_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, *, nope_dim: int, ex
     # transposes the [b, h, t, s] score tensor around each of two [b, t, h, *] einsums (17-38% of a forward).
     b, h = q_nope.shape[0], q_nope.shape[2]
     s, r = k_pe.shape[1], k_pe.shape[-1]
-    if expand is None:
-        kv = jnp.einsum("bsc,chx->bhsx", c_kv, wkv_b)
-    else:
-        kv = expand(c_kv).transpose(0, 2, 1, 3)
+    kv = jnp.einsum("bsc,chx->bhsx", c_kv, wkv_b) if expand is None else expand(c_kv).transpose(0, 2, 1, 3)
     k = jnp.concatenate([kv[..., :nope_dim], jnp.broadcast_to(k_pe[:, None], (b, h, s, r))], axis=-1)
     q = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
     probs = _softmax(jnp.einsum("bhtx,bhsx->bhts", q, k) * scale, mask).astype(kv.dtype)

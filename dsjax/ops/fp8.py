@@ -118,7 +118,6 @@ def dequantize_blocks(q, s, block: int, dtype=jnp.float32):
 
 def _dequantize_cols(wq, sw, block: int, col_block: int):
     """``wq [K, N]`` with ``sw [K/B, N/col_block]`` (col_block = B: weight blocks; 1: 128x1 tiles) -> fp32."""
-    k, n = wq.shape
     kb, ns = sw.shape
     padded = _pad_axis(_pad_axis(wq.astype(jnp.float32), 0, kb * block), 1, ns * col_block)
     return (padded.reshape(kb, block, ns, col_block) * sw[:, None, :, None]).reshape(kb * block, ns * col_block)
@@ -294,9 +293,7 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe):
     tiles_per = (group_sizes + b - 1) // b
     num_tiles = s_rows // b + e  # static bound on sum_e ceil(c_e / B)
     tile = jnp.where(valid, (jnp.cumsum(tiles_per) - tiles_per)[ex] + rank // b, num_tiles)  # dump id for padding
-    tile_expert = jnp.minimum(
-        jnp.searchsorted(jnp.cumsum(tiles_per), jnp.arange(num_tiles + 1), side="right"), e - 1
-    )
+    tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_per), jnp.arange(num_tiles + 1), side="right"), e - 1)
 
     def tile_quantize(v, tile_recipe):  # v [S, C] fp32 -> q [S, C], s [T + 1, C]
         v = jnp.where(valid[:, None], v, 0.0)

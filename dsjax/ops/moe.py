@@ -13,9 +13,7 @@ def swiglu(gate, up):
     return jax.nn.silu(gate) * up
 
 
-def moe_ragged(
-    x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32, gmm=None
-):
+def moe_ragged(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32, gmm=None):
     """Routed-expert output ``[m, d]`` via ``jax.lax.ragged_dot`` over expert-sorted token slots.
 
     Every (token, expert) pair is computed (no capacity, no dropping). Outputs are weighted, un-sorted and
