@@ -324,3 +324,19 @@ def test_fp8_gpu_check_script_runs_on_cpu():
     assert all("ms" in v or "error" in v for v in variants.values())
     assert 0.01 < variants["fp8_matmul_blocked"]["rel_err_vs_bf16"] < 0.06  # quantisation happened
     assert not any(result["fp8_kernel_reached"].values())
+
+
+def test_generate_with_fp8_weights_and_fp8_compute(tmp_path):
+    """Inference: a model holding E4M3 weights decodes exactly what a float model holding the dequantised
+    weights decodes; with FP8 compute switched on, plain and MTP-speculative greedy decoding run too."""
+    cfg = CFG.replace(fp8_weights=True)
+    quantized = dsjax.create_model(cfg, seed=6)
+    dsjax.save_pretrained(quantized, tmp_path, fp8=False)  # dequantised float weights
+    dense = dsjax.from_pretrained(str(tmp_path), dtype=jnp.float32)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    want = dsjax.generate(dense, prompts, max_new_tokens=6)
+    assert dsjax.generate(quantized, prompts, max_new_tokens=6) == want
+    fp8 = nnx.merge(nnx.graphdef(dsjax.create_model(cfg.replace(fp8=True))), nnx.state(quantized))
+    for speculative in (False, True):
+        out = dsjax.generate(fp8, prompts, max_new_tokens=6, speculative=speculative)
+        assert all(1 <= len(o) <= 6 for o in out) and all(0 <= t < cfg.vocab_size for o in out for t in o)
