@@ -121,6 +121,16 @@ class RunConfig:
             "train.seq_len",
             f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}",
         )
+        _check(
+            not self.model.fp8_weights,
+            "model.fp8_weights",
+            "E4M3-stored weights are for inference; train float master weights (model.fp8 runs the FP8 GEMMs)",
+        )
+        _check(
+            self.model.fp8 is None or self.train.dispatch != "dense",
+            "train.dispatch",
+            "'dense' has no FP8 form; use auto, blocked, ragged or ep with model.fp8",
+        )
 
 
 def _coerce(section: str, field: dataclasses.Field, value):

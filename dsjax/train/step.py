@@ -36,6 +36,12 @@ def init_train_state(model: Transformer, tx: optax.GradientTransformation) -> tu
     """Split ``model`` into graphdef + state and initialise the optimizer (jitted, so moments inherit the
     parameters' shardings)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    fp8 = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(params) if v.dtype.itemsize == 1]
+    if fp8:
+        raise ValueError(
+            f"parameters stored in fp8 cannot be trained ({fp8[0]}, ...): load float weights "
+            "(from_pretrained(..., dequantize=True)) and set ModelConfig.fp8 for FP8 GEMMs"
+        )
     opt_state = jax.jit(tx.init)(params)
     zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers: the state is donated
     return graphdef, TrainState(zeros[0], params, rest, opt_state, zeros[1], zeros[2])
