@@ -109,7 +109,7 @@ class Fp8Recipe:
         for name in ("amax_floor", "grad_amax_floor"):
             value = getattr(self, name)
             # scale = floor / 448 must stay a normal fp32 number
-            if not (isinstance(value, int | float) and 448 * 2.0**-126 <= value < float("inf")):
+            if isinstance(value, bool) or not (isinstance(value, int | float) and 448 * 2.0**-126 <= value < 1e38):
                 raise ConfigError(f"fp8.{name} must be a float in [5.3e-36, inf), got {value!r}")
 
 
@@ -266,6 +266,12 @@ class ModelConfig:
             f"DeepSeek-V2/V3 models); got {self.moe_layer_freq}",
         )
         need(isinstance(self.fp8_weights, bool), "fp8_weights", f"must be a bool, got {self.fp8_weights!r}")
+        need(
+            not (self.fp8_weights and self.fp8 is not None and self.fp8.block != 128),
+            "fp8.block",
+            f"fp8_weights are stored in 128x128 blocks; FP8 compute on them needs block 128, "
+            f"got {getattr(self.fp8, 'block', None)}",
+        )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.rope_theta > 0, "rope_theta", "must be positive")

@@ -67,6 +67,10 @@ def test_config_switch_and_errors():
             ModelConfig.tiny(fp8=bad)
     with pytest.raises(ConfigError, match="fp8_weights"):
         ModelConfig.tiny(fp8_weights="yes")
+    with pytest.raises(ConfigError, match="fp8.amax_floor"):
+        ModelConfig.tiny(fp8={"amax_floor": True})
+    with pytest.raises(ConfigError, match="fp8.block"):  # stored weights have 128x128 scales
+        ModelConfig.tiny(fp8_weights=True, fp8={"block": 64})
 
 
 def test_hf_quantization_config():
@@ -118,6 +122,9 @@ def _grads(model, tokens, remat):
 def test_fp8_moe_dispatch_paths_agree(fp8_weights):
     """One MoE layer in FP8: per-block (blocked), grouped (ragged) and expert-parallel (8 devices, all-to-all)
     dispatch compute the same outputs and input gradients; with fp8_weights the experts are E4M3 + scales.
+    Expert weight gradients differ between paths at the FP8 noise level (their token tiles differ: dispatch
+    blocks, expert runs, rows as received per shard), so each is held to the float gradient: within the FP8
+    band, which a missing psum over the data axis (half the gradient) or a skipped tile scale would leave.
     (Whole-model outputs are not compared: a 1e-7 summation-order difference that crosses an E4M3 rounding
     midpoint changes that token and, through attention, every later one.)"""
     from dsjax.layers.moe import MoE
@@ -128,20 +135,32 @@ def test_fp8_moe_dispatch_paths_agree(fp8_weights):
         assert moe.w_gate.get_value().dtype == jnp.float8_e4m3fn
         chex.assert_shape(moe.w_gate_scale.get_value(), (8, 2, 2))  # [experts, ceil(160/128), ceil(136/128)]
     x = jnp.asarray(np.random.default_rng(4).standard_normal((8, 4, cfg.hidden_size)), jnp.float32)
-    graphdef, state = nnx.split(moe)
 
-    @functools.partial(jax.jit, static_argnums=0)  # op by op, the ep path alone takes 90 s on 2 cores
-    def vjp(dispatch, state, x):
-        y, pullback = jax.vjp(lambda x_: nnx.merge(graphdef, state)(x_, dispatch)[0], x)
-        return y, pullback(jnp.cos(y))[0]
+    @functools.partial(jax.jit, static_argnums=(0, 1))  # op by op, the ep path alone takes 90 s on 2 cores
+    def vjp(graphdef, dispatch, params, rest, x):
+        def f(params, x_):
+            return nnx.merge(graphdef, params, rest)(x_, dispatch)[0]
 
-    def run(dispatch):
-        return vjp(dispatch, state, x)
+        y, pullback = jax.vjp(f, params, x)
+        d_params, dx = pullback(jnp.cos(y))
+        return y, dx, {k: d_params[k][...] for k in ("w_gate", "w_up", "w_down")} if not fp8_weights else {}
 
-    ragged = run("ragged")
-    chex.assert_trees_all_close(run("blocked"), ragged, rtol=1e-5, atol=1e-6)
+    def run(module, dispatch):
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+        return vjp(graphdef, dispatch, params, rest, x)
+
+    ragged = run(moe, "ragged")
+    results = {"blocked": run(moe, "blocked")}
     with jax.set_mesh(dsjax.sharding.make_mesh(data=2, expert=4)):
-        chex.assert_trees_all_close(run("ep"), ragged, rtol=1e-5, atol=1e-6)
+        results["ep"] = run(moe, "ep")
+    for out in results.values():
+        chex.assert_trees_all_close(out[:2], ragged[:2], rtol=1e-5, atol=1e-6)
+    if not fp8_weights:
+        exact = run(MoE(CFG, rngs=nnx.Rngs(3), param_dtype=jnp.float32), "ragged")[2]  # same weights, float
+        for out in (ragged, *results.values()):
+            for name, dw in out[2].items():
+                err = float(jnp.linalg.norm(dw - exact[name]) / jnp.linalg.norm(exact[name]))
+                assert 0.005 < err < 0.08, (name, err)
 
 
 def test_fp8_weights_model_layout():
@@ -246,6 +265,11 @@ def test_fp8_checkpoint_matches_hf_on_dequantised_weights(fp8_checkpoint, tmp_pa
         np.testing.assert_array_equal(a.get(name), b.get(name))
         np.testing.assert_array_equal(a.get(weight).view(np.uint8), b.get(weight).view(np.uint8))
     assert a.keys() == b.keys()
+    dsjax.save_pretrained(kept, tmp_path / "bf16", dtype=jnp.bfloat16)  # casts float weights, never the scales
+    c = CheckpointReader(str(tmp_path / "bf16"))
+    assert c.get("model.layers.1.self_attn.o_proj.weight_scale_inv").dtype == np.float32
+    assert c.get("model.layers.1.self_attn.o_proj.weight").dtype == ml_dtypes.float8_e4m3fn
+    assert c.get("model.embed_tokens.weight").dtype == ml_dtypes.bfloat16
 
 
 def test_fp8_checkpoint_errors(fp8_checkpoint, tmp_path):
@@ -264,14 +288,15 @@ def test_fp8_checkpoint_errors(fp8_checkpoint, tmp_path):
         dsjax.from_pretrained(str(broken), dtype=jnp.float32)
     del tensors[name]
     save_file(tensors, os.path.join(broken, "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="o_proj.weight is stored in fp8"):
-        dsjax.from_pretrained(str(broken), dtype=jnp.float32, dequantize=True)
+    for dequantize in (True, False):  # kept in E4M3 or not, the scales of an fp8 tensor cannot be made up
+        with pytest.raises(CheckpointError, match="o_proj.weight is stored in fp8 but .*_scale_inv is missing"):
+            dsjax.from_pretrained(str(broken), dtype=jnp.float32, dequantize=dequantize)
 
 
 def test_float_checkpoint_saved_as_fp8_loads_in_hf_format(tmp_path):
     """save_pretrained(fp8=True) quantises a float model into DeepSeek's layout: E4M3 weights whose dequantised
     values equal the NumPy reference's, fp32 [out/128, in/128] scales."""
-    model = dsjax.create_model(CFG.replace(num_nextn_predict_layers=0), seed=5)
+    model = dsjax.create_model(CFG, seed=5)
     dsjax.save_pretrained(model, tmp_path, fp8=True)
     from dsjax.checkpoint.safetensors_io import CheckpointReader
 
@@ -287,6 +312,16 @@ def test_float_checkpoint_saved_as_fp8_loads_in_hf_format(tmp_path):
     np.testing.assert_array_equal(s, s_ref)
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["quantization_config"]["weight_block_size"] == [128, 128]
+    # Loaded back (MTP module included) it holds the same E4M3 values, and dequantised the reference's floats.
+    loaded = dsjax.from_pretrained(str(tmp_path), dtype=jnp.float32)
+    w_mtp = np.asarray(model.mtp.layer.ffn.w_up.get_value()[0, 5]).T
+    q_mtp = np.asarray(loaded.mtp.layer.ffn.w_up.get_value()[0, 5]).T
+    np.testing.assert_array_equal(q_mtp.view(np.uint8), ref.quantize_blocks(w_mtp)[0].view(np.uint8))
+    floats = dsjax.from_pretrained(str(tmp_path), dtype=jnp.float32, dequantize=True)
+    np.testing.assert_array_equal(
+        np.asarray(floats.mtp.layer.attn.wkv_a.get_value()[0]).T,
+        ref.dequantize_blocks(*ref.quantize_blocks(np.asarray(model.mtp.layer.attn.wkv_a.get_value()[0]).T)),
+    )
 
 
 # ---- scripts ---------------------------------------------------------------------------------------------------

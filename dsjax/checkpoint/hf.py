@@ -23,6 +23,7 @@ from dsjax.ops.fp8 import quantize_blocks
 from dsjax.sharding import DEFAULT_RULES, Rules, variable_sharding
 
 log = logging.getLogger(__name__)
+FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 def _mtp_keys(keys: set[str], cfg: ModelConfig) -> set[str]:
@@ -88,9 +89,9 @@ def from_pretrained(
     expected = {spec.name(idx): spec for spec in specs for idx in spec.indices()}
     copies = mtp_copy_names(cfg)
     # Scales may be absent (float tensors, quantised on load) or extra (fp8 tensors, dequantised on load).
-    weights_of_scales = {n: (n[: -len("_scale_inv")], s) for n, s in expected.items() if s.kind == "scale"}
+    scales = {n for n, s in expected.items() if s.kind == "scale"}
     optional_scales = {scale_name(n) for n, s in expected.items() if s.kind == "linear"}
-    missing = {n for n in set(expected) - keys if n not in weights_of_scales}
+    missing = set(expected) - keys - scales
     unexpected = keys - set(expected) - set(copies) - ignored - optional_scales
     if missing or unexpected:
         parts = [
@@ -113,7 +114,7 @@ def from_pretrained(
 
     for (_, var), spec in zip(flat, specs):
         sharding = variable_sharding(var, mesh, rules) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-        var.set_value(_assemble(reader, spec, np.dtype(var.get_value().dtype), sharding))
+        var.set_value(_assemble(reader, keys, spec, np.dtype(var.get_value().dtype), sharding))
     model = nnx.merge(graphdef, abstract)
     log.info("loaded %s: %.1f MiB of weights", path, weight_bytes(model) / 2**20)
     return model
@@ -124,26 +125,25 @@ def weight_bytes(model) -> int:
     return sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model)))
 
 
-def _hf_tensor(reader: CheckpointReader, name: str, spec: LeafSpec, dtype: np.dtype) -> np.ndarray:
+def _hf_tensor(reader: CheckpointReader, keys: set[str], name: str, spec: LeafSpec, dtype: np.dtype) -> np.ndarray:
     """The HF tensor ``name`` as this leaf stores it: fp8 weights and their scales as is, fp8 weights
     dequantised for float leaves, float weights quantised (weight or scale) for fp8 leaves."""
     if spec.kind == "scale":
-        weight = name[: -len("_scale_inv")]
-        if name in reader.keys():
+        if name in keys:
             return reader.get(name)
-        return _quantize_hf(reader.get(weight))[1]
+        weight = reader.get(name[: -len("_scale_inv")])
+        if weight.dtype == FP8_DTYPE:  # its scales cannot be recovered from the E4M3 values
+            raise CheckpointError(f"{name[: -len('_scale_inv')]} is stored in fp8 but {name} is missing")
+        return _quantize_hf(weight)[1]
     tensor = reader.get(name)
     is_fp8 = tensor.dtype == FP8_DTYPE
     if spec.kind == "linear" and is_fp8 and dtype != FP8_DTYPE:
-        if scale_name(name) not in reader.keys():
+        if scale_name(name) not in keys:
             raise CheckpointError(f"{name} is stored in fp8 but {scale_name(name)} is missing")
         return dequantize_hf(tensor, reader.get(scale_name(name)))
     if spec.kind == "linear" and dtype == FP8_DTYPE and not is_fp8:
         return _quantize_hf(tensor)[0]
     return tensor
-
-
-FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 def dequantize_hf(q: np.ndarray, scale_inv: np.ndarray, block: int = 128) -> np.ndarray:
@@ -173,7 +173,7 @@ def _check_copy(reader: CheckpointReader, name: str, spec: LeafSpec) -> None:
         )
 
 
-def _assemble(reader: CheckpointReader, spec: LeafSpec, dtype: np.dtype, sharding) -> jax.Array:
+def _assemble(reader: CheckpointReader, keys: set[str], spec: LeafSpec, dtype: np.dtype, sharding) -> jax.Array:
     """Build one (possibly sharded) leaf, reading only the HF tensors each device's slice needs."""
     done: dict[tuple, np.ndarray] = {}  # replicated slices are requested once per device; read them once
 
@@ -187,7 +187,7 @@ def _assemble(reader: CheckpointReader, spec: LeafSpec, dtype: np.dtype, shardin
         for pos, idx in zip(
             itertools.product(*(range(len(r)) for r in stack_ranges)), itertools.product(*stack_ranges)
         ):
-            out[pos] = spec.to_ours(_hf_tensor(reader, spec.name(idx), spec, dtype))[inner].astype(dtype)
+            out[pos] = spec.to_ours(_hf_tensor(reader, keys, spec.name(idx), spec, dtype))[inner].astype(dtype)
         done[bounds] = out
         return out
 
@@ -224,10 +224,12 @@ def save_pretrained(
     projections = {p for p in fp8_paths if (*p[:-1], p[-1] + SCALE_SUFFIX) in fp8_paths}
 
     def save_dtype(p, arr) -> np.dtype:
-        keep = dtype is None or p[-1] in ("router", "routing_bias") or arr.dtype == FP8_DTYPE
+        keep = dtype is None or p[-1] in ("router", "routing_bias") or p[-1].endswith(SCALE_SUFFIX)
+        keep = keep or arr.dtype == FP8_DTYPE
         return np.dtype(arr.dtype if keep else dtype)
 
     target = {p: save_dtype(p, arr) for p, arr in leaves.items()}
+    main_dtype = np.dtype(dtype) if dtype is not None else np.dtype(leaves[("embed",)].dtype)
     plan = [
         (spec.name(idx), p, idx)
         for p, spec in specs.items()
@@ -244,7 +246,7 @@ def save_pretrained(
             if p in projections and hf.dtype == FP8_DTYPE and not write_fp8:
                 scale_path = (*p[:-1], p[-1] + SCALE_SUFFIX)
                 scale = specs[scale_path].to_hf(np.asarray(leaves[scale_path][idx] if idx else leaves[scale_path]))
-                yield name, dequantize_hf(hf, scale).astype(dtype or np.float32)
+                yield name, dequantize_hf(hf, scale).astype(main_dtype)
             elif p in projections and hf.dtype != FP8_DTYPE and write_fp8:
                 q, scale = _quantize_hf(hf)
                 yield name, q
@@ -252,7 +254,6 @@ def save_pretrained(
             else:
                 yield name, hf.astype(target[p])
 
-    main_dtype = np.dtype(dtype) if dtype is not None else np.dtype(leaves[("embed",)].dtype)
     save_config(
         cfg.replace(fp8_weights=write_fp8),
         path,

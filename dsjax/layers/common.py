@@ -120,12 +120,14 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd):
         def proj(x, name):
-            return project(x, getattr(self, name)[...], _value(getattr(self, name + "_scale")), n_in=1, fp8=self.fp8)
+            return project(
+                x, getattr(self, name)[...], value_or_none(getattr(self, name + "_scale")), n_in=1, fp8=self.fp8
+            )
 
         return proj(swiglu(proj(x_btd, "w_gate"), proj(x_btd, "w_up")), "w_down")
 
 
-def _value(var):
+def value_or_none(var):
     """A variable's array, or None for an absent (None) one."""
     return None if var is None else var[...]
 
