@@ -317,6 +317,14 @@ def test_float_checkpoint_saved_as_fp8_loads_in_hf_format(tmp_path):
     w_mtp = np.asarray(model.mtp.layer.ffn.w_up.get_value()[0, 5]).T
     q_mtp = np.asarray(loaded.mtp.layer.ffn.w_up.get_value()[0, 5]).T
     np.testing.assert_array_equal(q_mtp.view(np.uint8), ref.quantize_blocks(w_mtp)[0].view(np.uint8))
+    # A float checkpoint loaded into an fp8-weights model is quantised on load to the same bytes and scales.
+    dsjax.save_pretrained(model, tmp_path / "float")
+    on_load = dsjax.from_pretrained(str(tmp_path / "float"), dtype=jnp.float32, fp8_weights=True)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(loaded)), nnx.to_flat_state(nnx.state(on_load))):
+        a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+        np.testing.assert_array_equal(
+            a.view(np.uint8) if a.itemsize == 1 else a, b.view(np.uint8) if b.itemsize == 1 else b, err_msg=str(path)
+        )
     floats = dsjax.from_pretrained(str(tmp_path), dtype=jnp.float32, dequantize=True)
     np.testing.assert_array_equal(
         np.asarray(floats.mtp.layer.attn.wkv_a.get_value()[0]).T,

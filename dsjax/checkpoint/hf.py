@@ -112,9 +112,10 @@ def from_pretrained(
         if name in keys:
             _check_copy(reader, name, by_path[leaf])
 
+    source = _Source(reader)
     for (_, var), spec in zip(flat, specs):
         sharding = variable_sharding(var, mesh, rules) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-        var.set_value(_assemble(reader, keys, spec, np.dtype(var.get_value().dtype), sharding))
+        var.set_value(_assemble(source, spec, np.dtype(var.get_value().dtype), sharding))
     model = nnx.merge(graphdef, abstract)
     log.info("loaded %s: %.1f MiB of weights", path, weight_bytes(model) / 2**20)
     return model
@@ -125,28 +126,41 @@ def weight_bytes(model) -> int:
     return sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model)))
 
 
-def _hf_tensor(reader: CheckpointReader, keys: set[str], name: str, spec: LeafSpec, dtype: np.dtype) -> np.ndarray:
-    """The HF tensor ``name`` as this leaf stores it: fp8 weights and their scales as is, fp8 weights
-    dequantised for float leaves, float weights quantised (weight or scale) for fp8 leaves."""
-    if spec.kind == "scale":
-        if name in keys:
-            return reader.get(name)
-        weight = reader.get(name[: -len("_scale_inv")])
-        if weight.dtype == FP8_DTYPE:  # its scales cannot be recovered from the E4M3 values
-            raise CheckpointError(f"{name[: -len('_scale_inv')]} is stored in fp8 but {name} is missing")
-        return _quantize_hf(weight)[1]
-    tensor = reader.get(name)
-    is_fp8 = tensor.dtype == FP8_DTYPE
-    if spec.kind == "linear" and is_fp8 and dtype != FP8_DTYPE:
-        if scale_name(name) not in keys:
-            raise CheckpointError(f"{name} is stored in fp8 but {scale_name(name)} is missing")
-        return dequantize_hf(tensor, reader.get(scale_name(name)))
-    if spec.kind == "linear" and dtype == FP8_DTYPE and not is_fp8:
-        return _quantize_hf(tensor)[0]
-    return tensor
+class _Source:
+    """The checkpoint's tensors as the model's leaves store them: fp8 weights and their scales as is, fp8
+    weights dequantised for float leaves, float weights quantised (weight or scale) for fp8 leaves."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+        self.keys = reader.keys()
+        self._quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # weight and scale leaves each take one
+
+    def _quantize(self, weight_name: str, part: int) -> np.ndarray:
+        pair = self._quantized.pop(weight_name, None)
+        if pair is None:
+            pair = _quantize_hf(self.reader.get(weight_name))
+            self._quantized[weight_name] = pair
+        return pair[part]
+
+    def get(self, name: str, spec: LeafSpec, dtype: np.dtype) -> np.ndarray:
+        if spec.kind == "scale":
+            if name in self.keys:
+                return self.reader.get(name)
+            weight = name[: -len("_scale_inv")]
+            if self.reader.dtype(weight) == FP8_DTYPE:  # its scales cannot be recovered from the E4M3 values
+                raise CheckpointError(f"{weight} is stored in fp8 but {name} is missing")
+            return self._quantize(weight, 1)
+        is_fp8 = self.reader.dtype(name) == FP8_DTYPE
+        if spec.kind == "linear" and is_fp8 and dtype != FP8_DTYPE:
+            if scale_name(name) not in self.keys:
+                raise CheckpointError(f"{name} is stored in fp8 but {scale_name(name)} is missing")
+            return dequantize_hf(self.reader.get(name), self.reader.get(scale_name(name)))
+        if spec.kind == "linear" and dtype == FP8_DTYPE and not is_fp8:
+            return self._quantize(name, 0)
+        return self.reader.get(name)
 
 
-def dequantize_hf(q: np.ndarray, scale_inv: np.ndarray, block: int = 128) -> np.ndarray:
+def dequantize_hf(q: np.ndarray, scale_inv: np.ndarray, block: int = STORAGE_RECIPE.block) -> np.ndarray:
     """DeepSeek's weight dequantisation: ``[out, in]`` E4M3 times its ``[ceil(out/128), ceil(in/128)]`` scales
     (fp32 result; the ragged edge blocks use their block's scale)."""
     rows, cols = q.shape
@@ -173,7 +187,7 @@ def _check_copy(reader: CheckpointReader, name: str, spec: LeafSpec) -> None:
         )
 
 
-def _assemble(reader: CheckpointReader, keys: set[str], spec: LeafSpec, dtype: np.dtype, sharding) -> jax.Array:
+def _assemble(source: _Source, spec: LeafSpec, dtype: np.dtype, sharding) -> jax.Array:
     """Build one (possibly sharded) leaf, reading only the HF tensors each device's slice needs."""
     done: dict[tuple, np.ndarray] = {}  # replicated slices are requested once per device; read them once
 
@@ -187,7 +201,7 @@ def _assemble(reader: CheckpointReader, keys: set[str], spec: LeafSpec, dtype: n
         for pos, idx in zip(
             itertools.product(*(range(len(r)) for r in stack_ranges)), itertools.product(*stack_ranges)
         ):
-            out[pos] = spec.to_ours(_hf_tensor(reader, keys, spec.name(idx), spec, dtype))[inner].astype(dtype)
+            out[pos] = spec.to_ours(source.get(spec.name(idx), spec, dtype))[inner].astype(dtype)
         done[bounds] = out
         return out
 

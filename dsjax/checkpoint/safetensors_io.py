@@ -141,6 +141,9 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._where[name].dtype(name)
+
     def get(self, name: str) -> np.ndarray:
         try:
             return self._where[name].get(name)

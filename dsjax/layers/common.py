@@ -1,5 +1,6 @@
 """Parameter helpers, RMSNorm, the SwiGLU MLP and layer stacking."""
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -50,11 +51,8 @@ def projection(rngs, shape, axes, param_dtype, std, *, n_in: int, fp8_weights: b
 
 
 def _as_matrix(w, n_in: int, n_lead: int = 0):
-    lead, rest = w.shape[:n_lead], w.shape[n_lead:]
-    k = 1
-    for dim in rest[:n_in]:
-        k *= dim
-    return w.reshape(*lead, k, -1)
+    """``[lead..., in..., out...]`` -> ``[lead..., prod(in), prod(out)]``, the layout block scales refer to."""
+    return w.reshape(*w.shape[:n_lead], math.prod(w.shape[n_lead : n_lead + n_in]), -1)
 
 
 def float_weight(w, scale, dtype, *, n_in: int, n_lead: int = 0):
@@ -120,16 +118,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd):
         def proj(x, name):
-            return project(
-                x, getattr(self, name)[...], value_or_none(getattr(self, name + "_scale")), n_in=1, fp8=self.fp8
-            )
+            return project(x, *weight_and_scale(self, name), n_in=1, fp8=self.fp8)
 
         return proj(swiglu(proj(x_btd, "w_gate"), proj(x_btd, "w_up")), "w_down")
 
 
-def value_or_none(var):
-    """A variable's array, or None for an absent (None) one."""
-    return None if var is None else var[...]
+def weight_and_scale(module: nnx.Module, name: str):
+    """The projection ``module.<name>`` and its fp8 block scales ``module.<name>_scale`` (None if float)."""
+    scale = getattr(module, name + "_scale")
+    return getattr(module, name)[...], None if scale is None else scale[...]
 
 
 def stacked(n: int, make: Callable[[nnx.Rngs], M], rngs: nnx.Rngs) -> M:

@@ -4,7 +4,7 @@ import jax
 from flax import nnx
 
 from dsjax.config import ModelConfig
-from dsjax.layers.common import config_norm, float_weight, project, projection, value_or_none
+from dsjax.layers.common import config_norm, float_weight, project, projection, weight_and_scale
 from dsjax.ops.attention import mla_absorbed, mla_naive
 from dsjax.ops.rope import apply_rope
 
@@ -45,8 +45,7 @@ class MLA(nnx.Module):
         self.wo, self.wo_scale = make((h, cfg.v_head_dim, d), ("heads", "v_head", "embed"), n_in=2)
 
     def _project(self, x, name: str, n_in: int = 1):
-        w, scale = getattr(self, name)[...], value_or_none(getattr(self, name + "_scale"))
-        return project(x, w, scale, n_in=n_in, fp8=self.fp8)
+        return project(x, *weight_and_scale(self, name), n_in=n_in, fp8=self.fp8)
 
     def query(self, x_btd, cos, sin):
         """``q_nope [b, t, h, n]`` and rotated ``q_pe [b, t, h, r]``."""
@@ -68,7 +67,7 @@ class MLA(nnx.Module):
         # In FP8 training the naive form's key/value up-projection is a Linear like the others (DeepSeek-V3);
         # the absorbed form folds wkv_b into the attention core, which stays in the compute dtype.
         expand = (lambda c: self._project(c, "wkv_b")) if self.fp8 is not None and impl == "naive" else None
-        wkv_b = None if expand else float_weight(self.wkv_b[...], value_or_none(self.wkv_b_scale), q_nope.dtype, n_in=1)
+        wkv_b = None if expand else float_weight(*weight_and_scale(self, "wkv_b"), q_nope.dtype, n_in=1)
         args = (q_nope, q_pe, c_kv, k_pe, wkv_b, mask_bts, self.scale)
         if impl == "naive":
             out = mla_naive(*args, nope_dim=self.nope_dim, expand=expand)

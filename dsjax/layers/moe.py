@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig, Numerics
-from dsjax.layers.common import MLP, RoutingBias, float_weight, param, projection, value_or_none
+from dsjax.layers.common import MLP, RoutingBias, float_weight, param, projection, weight_and_scale
 from dsjax.ops.ep import moe_expert_parallel
 from dsjax.ops.fp8 import blocked_matmul, grouped_matmul
 from dsjax.ops.moe import moe_blocked, moe_dense, moe_ragged
@@ -84,7 +84,7 @@ class MoE(nnx.Module):
         combine = _COMBINE[dispatch]
         accum = x_md.dtype if self.cfg.numerics == Numerics.OFFICIAL else jnp.float32
         names = ("w_gate", "w_up", "w_down")
-        experts = [(getattr(self, n)[...], value_or_none(getattr(self, n + "_scale"))) for n in names]
+        experts = [weight_and_scale(self, n) for n in names]
         kwargs = {}
         if self.cfg.fp8 is not None:  # float weights quantised from master precision; fp8 ones with their scales
             weights = [w if s is None else (w, s) for w, s in experts]
