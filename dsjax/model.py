@@ -72,7 +72,8 @@ class Transformer(nnx.Module):
 
         With concrete inputs the call runs a cached jit-compiled forward; inside a user's ``jax.jit`` it traces
         :meth:`forward` directly. ``options``: ``attention`` (naive|absorbed), ``dispatch``
-        (auto|ragged|blocked|dense|ep), ``remat`` (none|full|dots).
+        (auto|ragged|blocked|dense|ep), ``remat`` (none|full|dots), ``layers`` (auto|scan|unroll: how the
+        layer stacks are looped, see :func:`~dsjax.layers.common.scan_stack`).
         """
         tokens = check_tokens(tokens, self.config)
         for name, value in (("positions", positions), ("segment_ids", segment_ids)):
@@ -99,6 +100,7 @@ class Transformer(nnx.Module):
         attention: str = "naive",
         dispatch: str = "auto",
         remat: str = "none",
+        layers: str = "auto",
     ) -> ModelOutput:
         """The pure forward pass (no input checks); see :class:`ModelOutput`.
 
@@ -112,6 +114,7 @@ class Transformer(nnx.Module):
         mask = attention_mask(positions, positions, segment_ids, segment_ids)
         cos, sin = self.rope(positions)
         kw = dict(attention=attention, dispatch=dispatch)
+        loop = dict(remat=remat, layers=layers)
 
         def run(layer, x):
             return layer(x, cos, sin, mask, **kw)
@@ -120,10 +123,10 @@ class Transformer(nnx.Module):
             input_embeddings = embed_lookup(self.embed[...], tokens_bt, self.dtype)
         x = shard(input_embeddings.astype(self.dtype), ("batch", "seq", "act_embed"))
         if self.dense_layers is not None:
-            x, _ = scan_stack(self.dense_layers, x, lambda layer, x: (run(layer, x)[0], None), remat=remat)
+            x, _ = scan_stack(self.dense_layers, x, lambda layer, x: (run(layer, x)[0], None), **loop)
         routing = None
         if self.moe_layers is not None:
-            x, routing = scan_stack(self.moe_layers, x, lambda layer, x: run(layer, x), remat=remat)
+            x, routing = scan_stack(self.moe_layers, x, lambda layer, x: run(layer, x), **loop)
         hidden = self.final_norm(x)
         logits = self.logits(hidden)
 
@@ -133,15 +136,13 @@ class Transformer(nnx.Module):
             # Depth k reads the embedding of token i+k; positions past the end see token 0 (masked by losses).
             shifted = jnp.stack([jnp.roll(tokens_bt, -k, axis=1).at[:, t - k :].set(0) for k in range(1, depth + 1)])
             emb_next = embed_lookup(self.embed[...], shifted, self.dtype)
-            graphdef, state = nnx.split(self.mtp)
 
-            def mtp_step(h_prev, xs):
-                layer_state, emb = xs
-                h, normed, r = nnx.merge(graphdef, layer_state)(h_prev, emb, cos, sin, mask, **kw)
+            def mtp_step(module, h_prev, emb):
+                h, normed, r = module(h_prev, emb, cos, sin, mask, **kw)
                 return h, (self.logits(normed), r)
 
             # The first module reads the main model's final-norm output (the released weights' convention).
-            _, (mtp_logits, mtp_routing) = jax.lax.scan(mtp_step, hidden, (state, emb_next))
+            _, (mtp_logits, mtp_routing) = scan_stack(self.mtp, hidden, mtp_step, xs=emb_next, layers=layers)
         return ModelOutput(logits, mtp_logits, hidden, routing, mtp_routing)
 
     def rope(self, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -156,7 +157,7 @@ class Transformer(nnx.Module):
         return shard(hidden_btd @ self.lm_head[...].astype(hidden_btd.dtype), ("batch", "seq", "act_vocab"))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "return_mtp", "attention", "dispatch", "remat"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "return_mtp", "attention", "dispatch", "remat", "layers"))
 def _jit_forward(graphdef, state, tokens, positions, segment_ids, return_mtp, **options):
     return nnx.merge(graphdef, state).forward(
         tokens, positions=positions, segment_ids=segment_ids, return_mtp=return_mtp, **options

@@ -28,6 +28,8 @@ import bench_grpo  # noqa: F401
 import bench_train  # noqa: F401
 from bench_common import CONFIGS, MODES
 
+from dsjax.runtime import preload_allocator
+
 
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
@@ -49,4 +51,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    preload_allocator()  # re-executes once with mimalloc (see dsjax/runtime.py)
     sys.exit(main())

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dsjax
+from dsjax.runtime import active_allocator
 
 REL_TOL = 1e-4  # max |dsjax - hf| / max |hf|, as in the parity tests
 
@@ -62,6 +63,7 @@ def machine_info() -> dict:
 
     return dict(cpu_count=os.cpu_count(), processor=platform.processor() or platform.machine(),
                 jax=jax.__version__, jax_device=str(jax.devices()[0]), torch=torch.__version__,
+                allocator=active_allocator(),
                 loadavg_1min=round(os.getloadavg()[0], 2))  # fmt: skip
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dsjax
+from dsjax.runtime import preload_allocator
 from dsjax.sharding import make_mesh
 
 
@@ -61,4 +62,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    preload_allocator()  # re-executes once with mimalloc (see dsjax/runtime.py)
     main()

@@ -20,6 +20,8 @@ import sys
 
 import numpy as np
 
+from dsjax.runtime import preload_allocator
+
 
 def _curve(out_dir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     from dsjax.train.metrics import read_jsonl
@@ -125,4 +127,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    preload_allocator()  # re-executes once with mimalloc (see dsjax/runtime.py)
     sys.exit(main())

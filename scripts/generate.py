@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import dsjax
 from dsjax.data.tokenizer import ByteTokenizer, HFTokenizer
 from dsjax.infer import encode_prompts, stream
+from dsjax.runtime import preload_allocator
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -99,4 +100,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    preload_allocator()  # re-executes once with mimalloc (see dsjax/runtime.py)
     sys.exit(main())

@@ -14,6 +14,8 @@ import sys
 
 import yaml
 
+from dsjax.runtime import preload_allocator
+
 
 def load_config(path: str, overrides: list[str]) -> dict:
     with open(path) as f:
@@ -72,4 +74,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    preload_allocator()  # re-executes once with mimalloc (see dsjax/runtime.py)
     sys.exit(main())

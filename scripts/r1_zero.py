@@ -15,6 +15,8 @@ import argparse
 import dataclasses
 import sys
 
+from dsjax.runtime import preload_allocator
+
 
 def main(argv=None) -> int:
     from dsjax.rl.zero import ZeroConfig, run
@@ -38,4 +40,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    preload_allocator()  # re-executes once with mimalloc (see dsjax/runtime.py)
     sys.exit(main())

@@ -147,19 +147,39 @@ _REMAT_POLICIES = {
 }
 
 
-def scan_stack(stack: M, carry, body: Callable[[M, object], tuple], *, remat: str = "none"):
-    """Run ``body(layer, carry) -> (carry, out)`` over the stacked layers with ``jax.lax.scan``.
+LAYER_LOOPS = ("auto", "scan", "unroll")
+UNROLL_MAX_LAYERS = 8  # ``auto`` unrolls stacks up to this depth
 
-    One layer is traced once whatever the depth, so compile time does not grow with the layer count.
+
+def scan_stack(stack: M, carry, body: Callable[..., tuple], *, xs=None, remat: str = "none", layers: str = "auto"):
+    """Run ``body(layer, carry) -> (carry, out)`` over the stacked layers; ``out`` leaves come back stacked.
+    With per-layer inputs ``xs`` (leading axis = layers) the call is ``body(layer, carry, x)``.
+
+    ``layers="scan"`` uses ``jax.lax.scan``: one layer is traced once whatever the depth, so compile time does
+    not grow with the layer count (the choice for deep models). ``"unroll"`` traces each layer in sequence: the
+    backward pass then reads each layer's residuals directly instead of slicing them out of (and the forward
+    writing them into) stacked buffers, 20-25% of a small model's train step on CPU (measured); compile time
+    grows with depth. ``"auto"`` unrolls stacks of at most ``UNROLL_MAX_LAYERS`` layers.
     ``remat``: ``none``, ``full`` (recompute everything in the backward pass) or ``dots`` (keep matmul outputs).
     """
     if remat not in _REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; choose one of {sorted(_REMAT_POLICIES)}")
+    if layers not in LAYER_LOOPS:
+        raise ValueError(f"layers={layers!r}; choose one of {LAYER_LOOPS}")
     graphdef, state = nnx.split(stack)
 
-    def step(carry, layer_state):
-        return body(nnx.merge(graphdef, layer_state), carry)
+    def step(carry, inputs):
+        layer_state, x = inputs
+        layer = nnx.merge(graphdef, layer_state)
+        return body(layer, carry) if xs is None else body(layer, carry, x)
 
     if remat != "none":
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(step, carry, state)
+    depth = jax.tree.leaves(state)[0].shape[0]
+    if layers == "scan" or (layers == "auto" and depth > UNROLL_MAX_LAYERS):
+        return jax.lax.scan(step, carry, (state, xs))
+    outs = []
+    for i in range(depth):
+        carry, out = step(carry, jax.tree.map(lambda v, i=i: v[i], (state, xs)))
+        outs.append(out)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)

@@ -19,6 +19,7 @@ import os
 import yaml
 
 from dsjax.config import ConfigError, ModelConfig
+from dsjax.layers.common import LAYER_LOOPS
 from dsjax.layers.moe import DISPATCH_IMPLS
 from dsjax.yaml_config import model_config_from_dict, model_config_to_dict
 
@@ -52,6 +53,7 @@ class TrainConfig:
     compute_dtype: str = "float32"  # bf16 on accelerators; fp32 is faster on CPU
     moment_dtype: str = "float32"
     remat: str = "none"
+    layers: str = "auto"  # how the layer stacks are looped: scan, unroll, or auto (unroll up to 8 layers)
     dispatch: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
@@ -72,6 +74,7 @@ class TrainConfig:
         for name in ("compute_dtype", "moment_dtype"):
             _check(getattr(self, name) in ("float32", "bfloat16"), f"train.{name}", "float32 or bfloat16")
         _check(self.remat in ("none", "full", "dots"), "train.remat", "none, full or dots")
+        _check(self.layers in LAYER_LOOPS, "train.layers", f"one of {LAYER_LOOPS}")
         _check(self.dispatch in DISPATCH_IMPLS, "train.dispatch", f"one of {DISPATCH_IMPLS}")
         _check(self.max_nonfinite_run > 0, "train.max_nonfinite_run", "must be positive")
 

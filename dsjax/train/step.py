@@ -69,6 +69,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
             return_mtp=depth > 0,
             dispatch=cfg.dispatch,
             remat=cfg.remat,
+            layers=cfg.layers,
         )
         ce_sum, count = losses.cross_entropy(out.logits, *future_targets(batch, 0))
         ce = ce_sum / jnp.maximum(count, 1)
