@@ -82,8 +82,10 @@ def moe_blocked(
     if block is None:
         # Cost ~ rows computed (slots + e * block, padding included) + weight copies (slots / block + e): the
         # optimum is block ~ sqrt(c * slots / e), c ~ 16 on CPU. Measured on fwd + bwd: 64-128 best at 256-512
-        # slots per expert (0.75-0.9x the time of the previous one-block-per-expert choice).
-        block = int(min(128, 2 ** round(math.log2(math.sqrt(16 * max(slots / num_experts, 1))))))
+        # slots per expert (0.75-0.9x the time of one block per expert). Below 16 slots per expert (decoding)
+        # blocks stay at about one per expert, down to 1 row: padding would cost more than copies there.
+        load = max(slots / num_experts, 1)
+        block = int(min(128, 2 ** round(math.log2(load)), 2 ** round(math.log2(math.sqrt(16 * load)))))
     flat = experts_mk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     counts = jnp.bincount(flat, length=num_experts)
