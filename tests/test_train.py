@@ -147,6 +147,8 @@ def test_bad_run_configs_name_the_field():
         load_run_config("configs/train_tiny.yaml", ["train.batch_size=6", "mesh.data=4"])
     with pytest.raises(ConfigError, match="unknown fields"):
         load_run_config("configs/train_tiny.yaml", ["train.learning_rate=1"])
+    with pytest.raises(ConfigError, match="train.layers"):
+        load_run_config("configs/train_tiny.yaml", ["train.layers=unrolled"])
 
 
 @pytest.mark.slow
