@@ -2,6 +2,7 @@
 
 from dsjax.checkpoint.hf import from_pretrained, save_pretrained
 from dsjax.checkpoint.safetensors_io import CheckpointError
+from dsjax.coder.infill import infill
 from dsjax.config import ConfigError, ModelConfig, Numerics, ScoringFunc, TopkMethod, YarnScaling
 from dsjax.infer import generate, generate_text, stream
 from dsjax.model import ModelOutput, Transformer, abstract_model, count_params, create_model
@@ -22,6 +23,7 @@ __all__ = [
     "from_pretrained",
     "generate",
     "generate_text",
+    "infill",
     "save_pretrained",
     "stream",
 ]

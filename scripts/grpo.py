@@ -5,6 +5,11 @@
 Loads the checkpoint (sharded over ``model.mesh_data`` x ``model.mesh_expert`` devices), its ``tokenizer.json``
 and the dataset, evaluates held-out pass@1, runs GRPO with the rule rewards (accuracy via math-verify, format,
 tags), evaluates again, and writes metrics, plots, checkpoints, ``results.json`` and the final weights (``hf/``).
+
+Exit codes: 0 done; 1 a checkpoint that cannot be loaded, restored or saved, or an invalid ``config.json``
+(message on stderr); 75 (``PREEMPTED_EXIT_CODE``) a preemption notice (SIGTERM), or ``max_runtime_s`` seconds (a
+field one may add under ``train:`` in the config), stopped the run after a checkpointed step: the same command
+resumes.
 """
 
 import argparse
@@ -51,6 +56,7 @@ def main(argv=None) -> int:
     from dsjax.rl.tasks import JsonlTask
     from dsjax.rl.trainer import RLTrainConfig, evaluate, train_grpo
     from dsjax.sharding import make_mesh
+    from dsjax.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     m, d = cfg["model"], cfg["data"]
     mesh = make_mesh(m["mesh_data"], m["mesh_expert"])
@@ -61,9 +67,16 @@ def main(argv=None) -> int:
     tc = RLTrainConfig(template=d["template"], **cfg["train"])
     out = args.out or cfg["out"]
     with jax.set_mesh(mesh):
-        model = dsjax.from_pretrained(m["path"], dtype=jnp.dtype(m["dtype"]), mesh=mesh)
-        before = evaluate(model, tokenizer, task, grpo, d["template"], problems=64, samples=4)
-        model = train_grpo(model, tokenizer, task, grpo, tc, out)
+        try:
+            model = dsjax.from_pretrained(m["path"], dtype=jnp.dtype(m["dtype"]), mesh=mesh)
+            before = evaluate(model, tokenizer, task, grpo, d["template"], problems=64, samples=4)
+            model = train_grpo(model, tokenizer, task, grpo, tc, out)
+        except Preempted as e:
+            print(f"preempted: {e}", file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
+        except (dsjax.CheckpointError, dsjax.ConfigError) as e:  # a bad checkpoint or config.json, a failed save
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         after = evaluate(model, tokenizer, task, grpo, d["template"], problems=64, samples=4)
     results = dict(base_pass1=before["pass1"], rl_pass1=after["pass1"], base_format=before["format"],
                    rl_format=after["format"])  # fmt: skip

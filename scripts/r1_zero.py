@@ -5,6 +5,9 @@ corpus, then GRPO with rule rewards only; held-out pass@1 and format rate before
 
 Writes ``results.json`` (base_pass1, rl_pass1, base_format, rl_format, seconds, ...), ``base/`` (pretraining run,
 plots, weights), ``rl/`` (GRPO metrics, ``rl.png``, checkpoints, final weights in ``rl/hf``).
+
+Exit code 75 (``PREEMPTED_EXIT_CODE``): a preemption notice (SIGTERM) stopped pretraining or GRPO after a
+checkpointed step; the same command resumes it.
 """
 
 import os
@@ -20,6 +23,7 @@ from dsjax.runtime import preload_allocator
 
 def main(argv=None) -> int:
     from dsjax.rl.zero import ZeroConfig, run
+    from dsjax.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     defaults = ZeroConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +34,11 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     zc = dataclasses.replace(defaults, pretrain_steps=args.pretrain_steps, rl_steps=args.rl_steps, seed=args.seed)
-    r = run(zc, args.out, progress=not args.quiet)
+    try:
+        r = run(zc, args.out, progress=not args.quiet)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     print(f"\n{'':14}{'base':>8}{'after GRPO':>12}")
     print(f"{'pass@1':14}{r['base_pass1']:>8.1%}{r['rl_pass1']:>12.1%}")
     print(f"{'format rate':14}{r['base_format']:>8.1%}{r['rl_format']:>12.1%}")

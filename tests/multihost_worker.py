@@ -1,6 +1,8 @@
 """One process of a (possibly multi-process) tiny pretraining run, for ``tests/test_multihost.py``.
 
   python tests/multihost_worker.py --process-id I --num-processes N --port P --out DIR [--rewind-to K]
+      [--resume] [--resume-after-preemption] [--reference DIR] [--total-devices D] [--heartbeat-timeout S]
+      [--compile-cache DIR] [--step-seconds S]
 
 Simulates ``8 / N`` CPU devices in this process, joins a ``jax.distributed`` cluster of ``N`` processes on
 ``localhost:P`` (when ``N > 1``) and trains a small run on the global ``2 x 4`` (data x expert) mesh into ``DIR``,
@@ -8,6 +10,13 @@ which every process is given (orbax writes each checkpoint from all processes in
 shared, as on a cluster's shared filesystem). With ``--rewind-to K`` it then deletes the checkpoints after step
 ``K`` and trains again with ``resume=True``: the run restores step ``K`` from the multi-process checkpoint and
 recomputes the last steps. The last line of stdout is a JSON object with the losses this process saw.
+
+For ``tests/test_faults.py``: ``--resume`` continues from the checkpoints in ``DIR`` (a restarted job);
+``--reference DIR`` then trains the same run from scratch into another directory, uninterrupted, for comparison. A
+run stopped by a preemption notice (SIGTERM to any one process) prints its JSON with ``"preempted"`` set to the
+step all processes stopped after, and exits with ``PREEMPTED_EXIT_CODE``; with ``--resume-after-preemption`` it
+prints that line and resumes from the checkpoint in the same process instead (a restart without the process
+start-up).
 """
 
 from __future__ import annotations
@@ -60,37 +69,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory, the same for every process")
     parser.add_argument("--rewind-to", type=int, default=None, help="then resume from this step's checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    parser.add_argument("--resume-after-preemption", action="store_true", help="resume in-process when preempted")
+    parser.add_argument("--reference", help="then train the same run from scratch into this directory")
+    parser.add_argument("--total-devices", type=int, default=TOTAL_DEVICES, help="simulated devices, all processes")
+    parser.add_argument("--heartbeat-timeout", type=int, default=100, help="seconds until a silent peer is dead")
+    parser.add_argument("--compile-cache", help="JAX persistent compilation cache directory (shared by the runs)")
+    parser.add_argument("--step-seconds", type=float, default=0.0,
+                        help="sleep after each step: JAX's preemption notifier polls once a second, and tiny steps "
+                        "would finish the run before the processes agree on a stop step")  # fmt: skip
     args = parser.parse_args(argv)
-    n, i = args.num_processes, args.process_id
-    if TOTAL_DEVICES % n:
-        raise SystemExit(f"--num-processes must divide {TOTAL_DEVICES}")
+    n, i, total = args.num_processes, args.process_id, args.total_devices
+    if total % n:
+        raise SystemExit(f"--num-processes must divide {total}")
 
     # Before jax is imported: the CPU backend reads the device count once, when it starts. Overwrite rather than
     # extend: the test runner's conftest exports its own XLA_FLAGS, which subprocesses inherit. Optimisation
     # level 0 (as tests/conftest.py) halves compile time, which dominates here.
-    os.environ["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={TOTAL_DEVICES // n} --xla_backend_optimization_level=0"
-    )
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={total // n} --xla_backend_optimization_level=0"
     os.environ["JAX_PLATFORMS"] = "cpu"
 
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
+    if args.compile_cache:  # restarted jobs load the executables the first one compiled
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if n > 1:
         # Cross-process collectives on CPU run over TCP with Gloo (jax 0.10's default for
         # jax_cpu_collectives_implementation; set here so the test does not depend on the default). It must be
         # set before the CPU backend starts, i.e. before the first jax.devices() or computation.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
-            coordinator_address=f"localhost:{args.port}", num_processes=n, process_id=i, initialization_timeout=120
-        )
+            coordinator_address=f"localhost:{args.port}", num_processes=n, process_id=i, initialization_timeout=120,
+            heartbeat_timeout_seconds=args.heartbeat_timeout,
+        )  # fmt: skip
     assert jax.process_count() == n and jax.process_index() == i
-    assert jax.device_count() == TOTAL_DEVICES and jax.local_device_count() == TOTAL_DEVICES // n
+    assert jax.device_count() == total and jax.local_device_count() == total // n
 
     from jax.experimental import multihost_utils
 
     from dsjax.train import loop
     from dsjax.train.config import load_run_config
+    from dsjax.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     # Record the metrics of every step as this process sees them (whether or not this process writes
     # metrics.jsonl): wrap the jitted step that train() builds.
@@ -103,18 +125,19 @@ def main(argv: list[str] | None = None) -> int:
         def step(state, batch):
             state, metrics = step_fn(state, batch)
             seen.append({"loss": metrics["loss"], "ce": metrics["ce"], "load": metrics.get("load")})
+            time.sleep(args.step_seconds)
             return state, metrics
 
         return step
 
     loop.jit_train_step = recording_jit_train_step
 
-    def losses(summary, start: float) -> dict:
+    def losses(last_step: int, start: float) -> dict:
         host = jax.device_get(seen)  # the metrics are replicated: every process can fetch them
         seen.clear()
         return {
             "seconds": round(time.perf_counter() - start, 1),
-            "steps": list(range(summary.steps - len(host) + 1, summary.steps + 1)),
+            "steps": list(range(last_step - len(host) + 1, last_step + 1)),
             "loss": [float(m["loss"]) for m in host],
             "ce": [float(m["ce"]) for m in host],
             "load": [None if m["load"] is None else m["load"].tolist() for m in host],
@@ -123,8 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     run = load_run_config(os.path.join(here, os.pardir, "configs", "train_tiny.yaml"), OVERRIDES + args.set)
     start = time.perf_counter()
-    summary = loop.train(run, args.out, resume=False, progress=False)
-    result = {"process_index": i, "process_count": n, **losses(summary, start)}
+    try:
+        summary = loop.train(run, args.out, resume=args.resume, progress=False)
+    except Preempted as e:
+        result = {"process_index": i, "process_count": n, "preempted": e.step, "reason": e.reason,
+                  **losses(e.step, start)}  # fmt: skip
+        print(json.dumps(result), flush=True)
+        if not args.resume_after_preemption:
+            return PREEMPTED_EXIT_CODE
+        start = time.perf_counter()
+        summary = loop.train(run, args.out, resume=True, progress=False)
+    result = {"process_index": i, "process_count": n, **losses(summary.steps, start)}
+    if args.reference is not None:
+        start = time.perf_counter()
+        result["reference"] = losses(loop.train(run, args.reference, resume=False, progress=False).steps, start)
 
     if args.rewind_to is not None:
         ckpt_dir = os.path.join(args.out, "checkpoints")
@@ -137,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         multihost_utils.sync_global_devices("rewound")
         start = time.perf_counter()
         summary = loop.train(run, args.out, resume=True, progress=False)
-        result["resumed"] = losses(summary, start)
+        result["resumed"] = losses(summary.steps, start)
 
     print(json.dumps(result), flush=True)
     return 0

@@ -14,7 +14,13 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from dsjax.checkpoint.hf_map import SCALE_SUFFIX, LeafSpec, leaf_spec, mtp_copy_names, scale_name
-from dsjax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, listing, write_sharded
+from dsjax.checkpoint.safetensors_io import (
+    CheckpointError,
+    CheckpointReader,
+    listing,
+    raise_if_nonfinite,
+    write_sharded,
+)
 from dsjax.config import ModelConfig
 from dsjax.hf_config import load_config, save_config
 from dsjax.layers.common import STORAGE_RECIPE
@@ -41,6 +47,7 @@ def from_pretrained(
     rules: Rules = DEFAULT_RULES,
     mtp: bool | None = None,
     dequantize: bool = False,
+    check_finite: bool = True,
     **config_overrides,
 ) -> Transformer:
     """Load an HF-format DeepSeek-V2/V3 checkpoint directory into a :class:`~dsjax.Transformer`.
@@ -59,10 +66,13 @@ def from_pretrained(
         scales), load float weights (``fp8 x scale`` in ``param_dtype``) instead of keeping the projections in
         E4M3 with their scales (about half the bytes of bf16). Either way, weights the checkpoint stores in
         float are quantised on load if the model keeps them in fp8, and fp8 ones dequantised if it does not.
+      check_finite: reject a tensor holding NaN or Inf (float, bf16, E4M3 weights and their scales), checked on
+        the bytes as they are read; False loads such a checkpoint anyway, e.g. to inspect it.
       config_overrides: ModelConfig fields to change (e.g. ``numerics="official"``).
 
     Raises:
-      CheckpointError: missing, unexpected or wrongly shaped tensors (all listed), corrupt files.
+      CheckpointError: missing, unexpected or wrongly shaped tensors (all listed), corrupt files, a NaN/Inf value
+        (naming the tensor and its file).
       ConfigError: an invalid or unsupported config.json.
     """
     reader = CheckpointReader(path)  # first, so a wrong path reports as such rather than as a missing config
@@ -112,7 +122,7 @@ def from_pretrained(
         if name in keys:
             _check_copy(reader, name, by_path[leaf])
 
-    source = _Source(reader)
+    source = _Source(reader, check_finite=check_finite)
     for (_, var), spec in zip(flat, specs):
         sharding = variable_sharding(var, mesh, rules) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
         var.set_value(_assemble(source, spec, np.dtype(var.get_value().dtype), sharding))
@@ -130,17 +140,28 @@ class _Source:
     """The checkpoint's tensors as the model's leaves store them: fp8 weights and their scales as is, fp8
     weights dequantised for float leaves, float weights quantised (weight or scale) for fp8 leaves."""
 
-    def __init__(self, reader: CheckpointReader):
+    def __init__(self, reader: CheckpointReader, *, check_finite: bool = True):
         self.reader = reader
         self.keys = reader.keys()
+        self.check_finite = check_finite
         self._quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # weight and scale leaves each take one
 
     def _quantize(self, weight_name: str, part: int) -> np.ndarray:
         pair = self._quantized.pop(weight_name, None)
         if pair is None:
-            pair = _quantize_hf(self.reader.get(weight_name))
+            weight = self.reader.get(weight_name)
+            if self.check_finite:  # quantisation would turn a NaN into a NaN scale under another name
+                self.checked(weight, weight_name)
+            pair = _quantize_hf(weight)
             self._quantized[weight_name] = pair
         return pair[part]
+
+    def checked(self, values: np.ndarray, name: str) -> np.ndarray:
+        """``values`` (read for tensor ``name``), after checking them for NaN/Inf unless that is off."""
+        if self.check_finite:
+            what = f"{name} (or {scale_name(name)})" if scale_name(name) in self.keys else name
+            raise_if_nonfinite(values, what, self.reader.file_of(name) if name in self.keys else self.reader.directory)
+        return values
 
     def get(self, name: str, spec: LeafSpec, dtype: np.dtype) -> np.ndarray:
         if spec.kind == "scale":
@@ -180,7 +201,8 @@ def _quantize_hf(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _check_copy(reader: CheckpointReader, name: str, spec: LeafSpec) -> None:
     # The MTP layers' embedding / head copies must equal the shared ones that dsjax uses for them.
     main = reader.get(spec.name(()))
-    if reader.shape(name) != main.shape or not np.array_equal(reader.get(name), main):
+    # equal_nan: a NaN in the shared tensor is reported as such when it is loaded, not as a differing copy.
+    if reader.shape(name) != main.shape or not np.array_equal(reader.get(name), main, equal_nan=True):
         raise CheckpointError(
             f"{name} differs from {spec.name(())}; dsjax shares the main embedding and head "
             "with the MTP modules (as DeepSeek-V3 does)"
@@ -201,7 +223,9 @@ def _assemble(source: _Source, spec: LeafSpec, dtype: np.dtype, sharding) -> jax
         for pos, idx in zip(
             itertools.product(*(range(len(r)) for r in stack_ranges)), itertools.product(*stack_ranges)
         ):
-            out[pos] = spec.to_ours(source.get(spec.name(idx), spec, dtype))[inner].astype(dtype)
+            name = spec.name(idx)
+            # Checked on the slice this device reads: every byte once, right after it was read from the file.
+            out[pos] = source.checked(spec.to_ours(source.get(name, spec, dtype))[inner], name).astype(dtype)
         done[bounds] = out
         return out
 

@@ -36,6 +36,18 @@ def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
     return out
 
 
+@jax.jit
+def _finite_leaves(tree):
+    return jax.tree.map(lambda x: jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else True, tree)
+
+
+def nonfinite_arrays(tree) -> list[str]:
+    """Key paths of the floating arrays in ``tree`` holding a NaN or Inf: one jitted reduction over each array
+    where it lives (sharded arrays stay sharded; works under several processes)."""
+    flags = jax.device_get(_finite_leaves(tree))
+    return [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_leaves_with_path(flags) if not bool(ok)]
+
+
 def save_orbax(model: Transformer, directory: str | os.PathLike) -> None:
     """Write ``model``'s full state and ``config.json`` to ``directory``, replacing a checkpoint there.
 
@@ -64,6 +76,7 @@ def load_orbax(
     dtype=jnp.float32,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
+    check_finite: bool = True,
     **config_overrides,
 ) -> Transformer:
     """Restore a model written by :func:`save_orbax`, each array directly in its target dtype and layout.
@@ -72,11 +85,13 @@ def load_orbax(
       directory: the checkpoint directory (``config.json`` and ``state/``).
       dtype: compute and storage dtype (the router and routing bias stay fp32); stored arrays are cast to it.
       mesh: shard the weights over this mesh by ``rules``; None places everything on the first device.
+      check_finite: reject arrays holding NaN or Inf (one reduction over each restored array, on its devices);
+        False loads such a checkpoint anyway, e.g. to inspect it.
       config_overrides: ModelConfig fields to change that config.json does not record (e.g. ``numerics``).
 
     Raises:
       CheckpointError: a missing directory or config.json, or a state whose tree or shapes do not match the
-        config (all differences listed), or one orbax cannot read.
+        config (all differences listed), or one orbax cannot read, or NaN/Inf values (naming the arrays).
       ConfigError: an invalid or unsupported config.json.
     """
     directory = os.path.abspath(os.fspath(directory))
@@ -115,6 +130,13 @@ def load_orbax(
             restored = checkpointer.restore(state_dir, targets)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{state_dir}: orbax restore failed ({e})") from None
+    # Orbax restores straight onto the devices; the check runs there, over what was just read.
+    bad = nonfinite_arrays(restored) if check_finite else []
+    if bad:
+        raise CheckpointError(
+            f"{state_dir}: NaN/Inf values in {listing(bad)}: a diverged or corrupt checkpoint. Pass "
+            "check_finite=False to load it anyway (e.g. to inspect it)."
+        )
     nnx.replace_by_pure_dict(abstract, restored)
     return nnx.merge(graphdef, abstract)
 

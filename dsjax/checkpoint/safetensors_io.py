@@ -38,6 +38,36 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
+# Bit views in which a float is NaN or Inf exactly when all bits of the mask are set: its exponent field for the
+# IEEE-like formats, and for E4M3 (``float8_e4m3fn``, no infinities) exponent and mantissa: S.1111.111 is NaN.
+_NONFINITE_BITS = {
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+    np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, 0x7F),
+    np.dtype(ml_dtypes.float8_e5m2): (np.uint8, 0x7C),
+}
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """How many NaN/Inf values ``array`` holds (0 for integer and bool arrays): one pass, no float conversion."""
+    bits = _NONFINITE_BITS.get(array.dtype)
+    if bits is not None:
+        view, mask = bits
+        return int(np.count_nonzero((array.view(view) & mask) == mask))
+    if np.issubdtype(array.dtype, np.floating):
+        return int(array.size - np.count_nonzero(np.isfinite(array)))
+    return 0
+
+
+def raise_if_nonfinite(array: np.ndarray, name: str, where: str) -> None:
+    """Raise :class:`CheckpointError` naming tensor ``name`` (stored in ``where``) if ``array`` has a NaN/Inf."""
+    bad = count_nonfinite(array)
+    if bad:
+        raise CheckpointError(
+            f"tensor {name} in {where} holds {bad} NaN/Inf value(s) (of {array.size} read): a diverged or corrupt "
+            "checkpoint. Pass check_finite=False to load it anyway (e.g. to inspect it)."
+        )
+
+
 def listing(names, limit: int = 20) -> str:
     """A sorted, comma-separated list of names for error messages, cut after ``limit``."""
     names = sorted(names)
@@ -149,6 +179,10 @@ class CheckpointReader:
             return self._where[name].get(name)
         except KeyError:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.directory}") from None
+
+    def file_of(self, name: str) -> str:
+        """Path of the file that holds tensor ``name``."""
+        return self._where[name].path
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:

@@ -1,7 +1,7 @@
 """The pretraining input pipeline: documents to packed, host-sharded, checkpointable batches (Grain).
 
 Stages, in order: source list -> shuffle (seeded, reshuffled every epoch) -> repeat -> tokenize and wrap in
-BOS/EOS -> document-level FIM (PSM, :mod:`dsjax.data.fim`) -> pack into rows of ``seq_len`` tokens
+BOS/EOS -> document-level FIM (PSM/SPM, :mod:`dsjax.data.fim`) -> pack into rows of ``seq_len`` tokens
 (:mod:`dsjax.data.packing`, lossless) -> global batch -> this host's rows.
 
 Host sharding: every process runs the same global stream and keeps its contiguous block of rows of each global
@@ -17,6 +17,7 @@ so the stream is independent of threading, and the iterator state is a handful o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,98 @@ from dsjax.data.packing import ROW_KEYS, PackIterDataset, empty_row
 from dsjax.data.tokenizer import Tokenizer, encode_array
 
 Batch = dict[str, np.ndarray]
+# A document: text, or pre-tokenised content (token ids without BOS/EOS, which the pipeline adds).
+Document = str | np.ndarray
+
+SKIP_REASONS = {
+    "corrupt": "unparseable or without a text/ids field",
+    "empty": "empty or whitespace only",
+    "non_utf8": "text that is not valid UTF-8",
+    "too_long": "longer than train.max_doc_tokens",
+    "bad_ids": "token ids outside the vocabulary",
+}
+
+
+@dataclasses.dataclass
+class SkippedDocuments:
+    """Counts (and the first few locations) of the documents left out of a corpus, by reason (``SKIP_REASONS``)."""
+
+    counts: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        """Count one document left out for ``reason`` (a key of ``SKIP_REASONS``), found at ``where``."""
+        self.counts[reason] += 1
+        found = self.examples.setdefault(reason, [])
+        if len(found) < 5:
+            found.append(where)
+
+    @property
+    def total(self) -> int:
+        """Documents left out, for all reasons."""
+        return sum(self.counts.values())
+
+    def metrics(self) -> dict[str, int]:
+        """``data/skipped_<reason>`` counts, as logged with every metrics record."""
+        return {f"data/skipped_{k}": v for k, v in self.counts.items()}
+
+    def describe(self) -> str:
+        """One line for logs: count, reason and first locations of each kind left out."""
+        parts = [f"{n} {SKIP_REASONS[k]} ({', '.join(self.examples[k])}{', ...' if n > 5 else ''})"
+                 for k, n in self.counts.items() if n]  # fmt: skip
+        return "; ".join(parts) or "none skipped"
+
+
+def screen_documents(
+    docs: Sequence[Any], tokenizer: Tokenizer, *, max_doc_tokens: int = 0, skipped: SkippedDocuments | None = None,
+    where: Sequence[str] | None = None,
+) -> list[Document]:  # fmt: skip
+    """The documents that can be trained on, in order; the others are counted in ``skipped`` by reason.
+
+    Left out: empty or whitespace-only text; text that cannot be encoded as UTF-8 (lone surrogates, as from
+    undecodable bytes read with ``errors="surrogateescape"`` or ``"\\udc80"`` JSON escapes, which would make the
+    tokenizer raise halfway through a run); pre-tokenised documents that are not 1-D integer sequences, are
+    empty or hold ids outside ``[0, tokenizer.vocab_size)``; and, with ``max_doc_tokens > 0``, documents with more
+    tokens than that (text is tokenized once here for it). Without a limit long documents are kept whole: packing
+    continues them across rows, nothing is truncated.
+
+    Args:
+      docs: texts (``str``) or token-id sequences.
+      tokenizer: the run's tokenizer (its ``vocab_size`` bounds pre-tokenised ids).
+      max_doc_tokens: longest document kept, in tokens (0: no limit).
+      skipped: accumulates the counts (a fresh one if None).
+      where: a location per document for the messages (default ``document <n>``, counting from 1).
+    """
+    skipped = SkippedDocuments() if skipped is None else skipped
+    kept: list[Document] = []
+    for i, doc in enumerate(docs):
+        loc = where[i] if where is not None else f"document {i + 1}"
+        if isinstance(doc, str):
+            if not doc.strip():
+                skipped.add("empty", loc)
+                continue
+            try:
+                doc.encode("utf-8")
+            except UnicodeEncodeError:
+                skipped.add("non_utf8", loc)
+                continue
+            if max_doc_tokens and len(encode_array(tokenizer, doc)) > max_doc_tokens:
+                skipped.add("too_long", loc)
+                continue
+            kept.append(doc)
+            continue
+        ids = np.asarray(doc) if isinstance(doc, list | tuple | np.ndarray) else None
+        if ids is None or ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            skipped.add("corrupt", loc)
+        elif ids.size == 0:
+            skipped.add("empty", loc)
+        elif ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+            skipped.add("bad_ids", loc)
+        elif max_doc_tokens and ids.size > max_doc_tokens:
+            skipped.add("too_long", loc)
+        else:
+            kept.append(ids.astype(np.int32))
+    return kept
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -55,13 +148,14 @@ def _host_rows(batch: Batch, *, process_index: int, per_host: int) -> Batch:
 
 
 def make_pretrain_dataset(
-    docs: Sequence[str],
+    docs: Sequence[Document],
     tokenizer: Tokenizer,
     *,
     batch_size: int,
     seq_len: int,
     seed: int,
     fim_rate: float = 0.1,
+    fim_spm_rate: float = 0.0,
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -75,12 +169,26 @@ def make_pretrain_dataset(
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
     if not docs:
         raise ValueError("docs is empty")
+    # Checked here, not first inside a Grain worker halfway through the stream.
+    for name, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {rate}")
+    # Pre-tokenised documents are checked here, before the run, not when the stream reaches them.
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, str):
+            ids = np.asarray(doc)
+            if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"docs[{i}]: expected text or a non-empty 1-D sequence of token ids")
+            if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+                raise ValueError(f"docs[{i}]: token ids outside [0, {tokenizer.vocab_size}) (screen_documents skips "
+                                 "such documents)")  # fmt: skip
     process_index, process_count = _process_info(process_index, process_count)
     if batch_size % process_count:
         raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
 
-    def tokenize(text: str, rng: np.random.Generator) -> np.ndarray:
-        return document_tokens(encode_array(tokenizer, text), rng, fim_rate=fim_rate, tokenizer=tokenizer)
+    def tokenize(text: Document, rng: np.random.Generator) -> np.ndarray:
+        content = encode_array(tokenizer, text) if isinstance(text, str) else np.asarray(text, np.int32)
+        return document_tokens(content, rng, fim_rate=fim_rate, tokenizer=tokenizer, fim_spm_rate=fim_spm_rate)
 
     ds = grain.MapDataset.source(list(docs)).seed(seed)
     # Shuffle before repeat: Grain folds the epoch into the shuffle seed, so every epoch has its own order and
@@ -98,7 +206,7 @@ def make_pretrain_dataset(
     return it
 
 
-def make_pretrain_iterator(docs: Sequence[str], tokenizer: Tokenizer, **options: Any) -> grain.DatasetIterator:
+def make_pretrain_iterator(docs: Sequence[Document], tokenizer: Tokenizer, **options: Any) -> grain.DatasetIterator:
     """Packed pretraining batches for this process, resumable via ``get_state()``/``set_state()``.
 
     Each element is a dict of numpy arrays of shape ``[batch_size // process_count, seq_len]``:
@@ -107,12 +215,15 @@ def make_pretrain_iterator(docs: Sequence[str], tokenizer: Tokenizer, **options:
     where ``loss_mask``; pass ``segment_ids`` and ``positions`` to the model so attention stays within a document.
 
     Args (keyword-only after ``tokenizer``, as for :func:`make_pretrain_dataset`):
-      docs: the training documents (e.g. :func:`dsjax.data.corpus.default_corpus`).
+      docs: the training documents (e.g. :func:`dsjax.data.corpus.default_corpus`): texts, or pre-tokenised
+        content as 1-D integer arrays (no BOS/EOS; ids within the tokenizer's vocabulary, else ValueError).
+        :func:`screen_documents` drops (and counts) the documents that would fail.
       tokenizer: a :class:`~dsjax.data.tokenizer.Tokenizer`.
       batch_size: the global batch size, over all processes.
       seq_len: tokens per row.
       seed: fixes the shuffle and the FIM decisions.
-      fim_rate: probability that a document is PSM-rearranged (DeepSeek-V3: 0.1).
+      fim_rate: probability that a document is FIM-rearranged (DeepSeek-V3: 0.1, DeepSeek-Coder: 0.5).
+      fim_spm_rate: share of the rearranged documents laid out SPM instead of PSM (default 0: PSM only).
       num_epochs: passes over ``docs``; ``None`` repeats forever. A finite stream ends with a batch whose last
         row is padded at the tail and, if the rows run out, completed with all-padding rows.
       process_index, process_count: this host's slot; default ``jax.process_index()``/``jax.process_count()``.

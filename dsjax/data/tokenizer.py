@@ -28,7 +28,7 @@ class Tokenizer(Protocol):
       vocab_size: number of embedding rows the model needs (every id is below it).
       bos_id, eos_id: start and end of a document.
       pad_id: filler for the tail of the last packed row (always masked, so any valid id works).
-      fim_begin_id, fim_hole_id, fim_end_id: the PSM fill-in-the-middle sentinels.
+      fim_begin_id, fim_hole_id, fim_end_id: the fill-in-the-middle sentinels (PSM and SPM layouts).
     """
 
     vocab_size: int
@@ -129,7 +129,7 @@ class HFTokenizer:
           special_tokens: as for the constructor:
           bos_token, eos_token: document boundary token strings.
           pad_token: padding token string; ``None`` pads with ``eos_token``'s id.
-          fim_begin_token, fim_hole_token, fim_end_token: the PSM sentinel strings.
+          fim_begin_token, fim_hole_token, fim_end_token: the FIM sentinel strings.
 
         Raises:
           ValueError: a required special token is not in the vocabulary (the message names it and the argument).

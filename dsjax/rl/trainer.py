@@ -8,6 +8,7 @@ exactly as the uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import NamedTuple
@@ -28,6 +29,7 @@ from dsjax.rl.tasks import Problem, Task
 from dsjax.train.checkpoint import TrainCheckpointer
 from dsjax.train.metrics import MetricsLog, read_jsonl
 from dsjax.train.optim import decay_mask
+from dsjax.train.preemption import Preempted, StopGuard
 from dsjax.train.step import init_train_state
 
 
@@ -40,6 +42,8 @@ class RLTrainConfig:
       template: prompt text with ``{question}``. seed: sampling seed (questions and completions).
       weight_decay, grad_clip, b1, b2: AdamW (constant learning rate ``GRPOConfig.learning_rate``).
       log_every, checkpoint_every, keep_checkpoints: outputs.
+      max_runtime_s: stop cleanly (checkpoint, then :class:`~dsjax.train.preemption.Preempted`) after the first
+        round that ends this many seconds after the start; 0 = no limit. A SIGTERM does the same.
     """
 
     steps: int = 100
@@ -53,6 +57,11 @@ class RLTrainConfig:
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    max_runtime_s: float = 0.0
+
+    def __post_init__(self):
+        if self.max_runtime_s < 0:
+            raise ValueError(f"max_runtime_s must be >= 0 (0 = no limit), got {self.max_runtime_s}")
 
 
 class Rollout(NamedTuple):
@@ -104,9 +113,15 @@ def _optimizer(tc: RLTrainConfig, cfg: GRPOConfig, params) -> optax.GradientTran
 def train_grpo(model, tokenizer: Tokenizer, task: Task, cfg: GRPOConfig, tc: RLTrainConfig, out_dir: str, *,
                resume: bool = True, progress: bool = True):  # fmt: skip
     """Run GRPO on ``model`` (updated in place at the end) and write ``metrics.jsonl``, TensorBoard logs,
-    ``rl.png``, checkpoints and the final weights (``out_dir/hf``). Returns the final model."""
+    ``rl.png``, checkpoints and the final weights (``out_dir/hf``). Returns the final model.
+
+    Raises:
+      Preempted: a SIGTERM or ``tc.max_runtime_s`` stopped the run after a round, which is checkpointed; calling
+        this again (``resume=True``) continues exactly from it.
+    """
     from tqdm import tqdm
 
+    started = time.monotonic()
     os.makedirs(out_dir, exist_ok=True)
     rewards = task.rewards()
     tx = _optimizer(tc, cfg, nnx.state(model, nnx.Param))
@@ -126,46 +141,60 @@ def train_grpo(model, tokenizer: Tokenizer, task: Task, cfg: GRPOConfig, tc: RLT
     elif ref_params is not None:
         _save_reference(ref_params, out_dir)
     log = MetricsLog(out_dir, resume_step=start)
-    row_len = None
+    row_len, stopped = None, None
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
-    try:
-        for rnd in range(start, tc.steps):
-            t0 = time.perf_counter()
-            problems = task.sample(tc.questions, "train", np.random.default_rng([tc.seed, rnd]))
-            policy = nnx.merge(graphdef, state.params, state.rest)
-            r = rollout(policy, tokenizer, problems, cfg, tc.template, seed=tc.seed * 1_000_003 + rnd)
-            t1 = time.perf_counter()
-            total, per_fn = score(rewards, r.prompts, r.texts, r.fields)
-            adv = group_advantages(jnp.asarray(total), cfg.G, scale=cfg.scale_rewards)
-            if row_len is None:  # fixed: room for two of the longest possible sequences, a multiple of 64
-                row_len = -(-2 * (max(map(len, r.prompts)) + cfg.max_completion_length) // 64) * 64
-            batch = build_batch(r.prompts, r.completions, row_len=row_len, completion_logprobs=r.logprobs)
-            batch["advantages"] = adv
-            if cfg.mu > 1:  # several iterations: the rollout policy's log-probs stay fixed across them
-                batch["old_logp"] = logprob(state.params, state.rest, batch)
-            if ref_params is not None:
-                batch["ref_logp"] = logprob(ref_params, state.rest, batch)
-            for _ in range(cfg.mu):
-                state, metrics = step_fn(state, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            groups = total.reshape(-1, cfg.G)
-            record = dict(step=rnd + 1, reward=float(np.nanmean(total)), reward_std=float(np.nanstd(total)),
-                          frac_reward_zero_std=float(np.mean(np.nanstd(groups, axis=1) == 0)),
-                          completion_length=float(np.mean([len(c) for c in r.completions])),
-                          rollout_s=t1 - t0, step_s=time.perf_counter() - t0, **metrics)  # fmt: skip
-            for name, values in per_fn.items():
-                record[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-                record[f"reward/{name}_std"] = float(np.nanstd(values)) if np.isfinite(values).any() else 0.0
-            if (rnd + 1) % tc.log_every == 0 or rnd + 1 == tc.steps:
-                log.write(record)
-            bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record.get('reward/accuracy', 0):.2f}")
-            bar.update(1)
-            ckpt.save(rnd + 1, state, {"round": rnd + 1}, force=rnd + 1 == tc.steps)
-    finally:
-        bar.close()
-        ckpt.wait()
-        ckpt.close()
-        log.close()
+    with StopGuard(max_runtime_s=tc.max_runtime_s, start_time=started) as guard:
+        guard.start(start)
+        try:
+            for rnd in range(start, tc.steps):
+                t0 = time.perf_counter()
+                problems = task.sample(tc.questions, "train", np.random.default_rng([tc.seed, rnd]))
+                policy = nnx.merge(graphdef, state.params, state.rest)
+                r = rollout(policy, tokenizer, problems, cfg, tc.template, seed=tc.seed * 1_000_003 + rnd)
+                t1 = time.perf_counter()
+                total, per_fn = score(rewards, r.prompts, r.texts, r.fields)
+                adv = group_advantages(jnp.asarray(total), cfg.G, scale=cfg.scale_rewards)
+                if row_len is None:  # fixed: room for two of the longest possible sequences, a multiple of 64
+                    row_len = -(-2 * (max(map(len, r.prompts)) + cfg.max_completion_length) // 64) * 64
+                batch = build_batch(r.prompts, r.completions, row_len=row_len, completion_logprobs=r.logprobs)
+                batch["advantages"] = adv
+                if cfg.mu > 1:  # several iterations: the rollout policy's log-probs stay fixed across them
+                    batch["old_logp"] = logprob(state.params, state.rest, batch)
+                if ref_params is not None:
+                    batch["ref_logp"] = logprob(ref_params, state.rest, batch)
+                for _ in range(cfg.mu):
+                    state, metrics = step_fn(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                groups = total.reshape(-1, cfg.G)
+                record = dict(step=rnd + 1, reward=float(np.nanmean(total)), reward_std=float(np.nanstd(total)),
+                              frac_reward_zero_std=float(np.mean(np.nanstd(groups, axis=1) == 0)),
+                              completion_length=float(np.mean([len(c) for c in r.completions])),
+                              rollout_s=t1 - t0, step_s=time.perf_counter() - t0, **metrics)  # fmt: skip
+                for name, values in per_fn.items():
+                    record[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+                    record[f"reward/{name}_std"] = float(np.nanstd(values)) if np.isfinite(values).any() else 0.0
+                stop = guard.check(rnd + 1)  # after every round, as the sync service requires
+                stopped = stop if rnd + 1 < tc.steps else None
+                if (rnd + 1) % tc.log_every == 0 or rnd + 1 == tc.steps or stopped:
+                    log.write(record)
+                bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record.get('reward/accuracy', 0):.2f}")
+                bar.update(1)
+                ckpt.save(rnd + 1, state, {"round": rnd + 1}, force=rnd + 1 == tc.steps or stopped is not None)
+                if stopped is not None:
+                    break
+        except BaseException:
+            try:  # the original error matters, not one from waiting for a save
+                ckpt.close()
+            except Exception as e:
+                logging.getLogger(__name__).warning("while stopping after an error: %s", e)
+            raise
+        else:
+            ckpt.close()  # waits for the last save: raises if it failed
+        finally:
+            bar.close()
+            log.close()
+    if stopped is not None:
+        raise Preempted(rnd + 1, stopped, ckpt.directory)
     plot_rl(read_jsonl(log.path), out_dir)
     final = nnx.merge(graphdef, state.params, state.rest)
     save_pretrained(final, os.path.join(out_dir, "hf"))

@@ -60,6 +60,15 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     max_nonfinite_run: int = 5
+    # Stop cleanly (checkpoint, exit code 75) at the first step ending this many seconds after the start; 0 = no
+    # limit. For jobs with a time limit: leave room for one step and a checkpoint save.
+    max_runtime_s: float = 0.0
+    max_doc_tokens: int = 0  # leave out (and count) longer documents; 0 = keep all (packing splits them losslessly)
+    # Record a CRC-32 of every checkpoint file at save and verify it at restore: catches flipped bytes that orbax
+    # would restore silently. Costs one read-back of the whole checkpoint by process 0 per save (in the background,
+    # delaying the commit) and one read per restore (shared by the processes), at ~1.5-2 GB/s: seconds for small
+    # models, minutes for hundreds of GB, where turning it off may be the better trade.
+    checkpoint_checksums: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -77,19 +86,31 @@ class TrainConfig:
         _check(self.layers in LAYER_LOOPS, "train.layers", f"one of {LAYER_LOOPS}")
         _check(self.dispatch in DISPATCH_IMPLS, "train.dispatch", f"one of {DISPATCH_IMPLS}")
         _check(self.max_nonfinite_run > 0, "train.max_nonfinite_run", "must be positive")
+        _check(self.max_runtime_s >= 0, "train.max_runtime_s", "must be >= 0 (0 = no limit)")
+        _check(self.max_doc_tokens >= 0, "train.max_doc_tokens", "must be >= 0 (0 = no limit)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where documents come from and how they are prepared."""
 
-    corpus: str = "default"  # "default" = the embedded corpus, or a path to a .txt/.jsonl file of documents
+    # "default" = the embedded corpus, a path to a .txt/.jsonl file of documents, or "repo:<path>" for source code
+    # ordered by imports (a directory = one repository, or a .jsonl of repositories; see dsjax.data.repo)
+    corpus: str = "default"
     tokenizer: str = "byte"  # "byte" or a path to an HF tokenizer.json
-    fim_rate: float = 0.1
+    fim_rate: float = 0.1  # DeepSeek-V3: 0.1, DeepSeek-Coder: 0.5
+    fim_spm_rate: float = 0.0  # share of FIM documents in SPM layout (0 = PSM only)
     num_docs: int = 4000
+    # Stop with an error before training when more than this share of the corpus's documents is left out (corrupt,
+    # empty, non-UTF-8, too long, bad ids). Schema or encoding mistakes (a {"content": ...} field, ids for another
+    # vocabulary) leave out nearly everything; ordinary dirt or a deliberate train.max_doc_tokens filter stays well
+    # below half. 1 = never stop (the count is still logged).
+    max_skipped_fraction: float = 0.5
 
     def __post_init__(self):
         _check(0 <= self.fim_rate <= 1, "data.fim_rate", "must lie in [0, 1]")
+        _check(0 <= self.fim_spm_rate <= 1, "data.fim_spm_rate", "must lie in [0, 1]")
+        _check(0 <= self.max_skipped_fraction <= 1, "data.max_skipped_fraction", "must lie in [0, 1]")
         _check(self.num_docs > 0, "data.num_docs", "must be positive")
 
 
