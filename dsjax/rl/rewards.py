@@ -4,7 +4,8 @@ A reward function is ``fn(prompts, completions, **example_fields) -> list[float 
 completion; ``example_fields`` are the dataset's columns, repeated per completion). ``None`` means "cannot
 judge this item" (e.g. an unparseable reference answer): the item is left out of that function's statistics
 and of its group's advantage baseline. A function that raises is logged and skipped for the whole batch; the
-run goes on. Completions are text only: nothing here evaluates model output as code.
+run goes on. The rule rewards treat completions as text only; the code rewards run them, always in the
+sandbox (:mod:`dsjax.coder.sandbox`), never in this process.
 """
 
 from __future__ import annotations
@@ -133,6 +134,69 @@ def countdown_reward(prompts, completions, *, numbers: Sequence[Sequence[int]], 
         result = safe_arithmetic(predicted) if predicted else None
         ok = result is not None and sorted(result[1]) == sorted(nums) and result[0] == goal
         out.append(1.0 if ok else 0.0)
+    return out
+
+
+# ---- code execution ----------------------------------------------------------------------------------------
+_SANDBOX = None
+
+
+def shared_sandbox():
+    """The process-wide sandbox pool the code rewards use (started on first use, closed at exit)."""
+    global _SANDBOX
+    if _SANDBOX is None:
+        # Imported here: the sandbox is a standalone module (no dsjax imports), needed only by code rewards.
+        from dsjax.coder.sandbox import Sandbox, SandboxConfig
+
+        _SANDBOX = Sandbox(SandboxConfig(timeout_s=5.0))
+    return _SANDBOX
+
+
+def _test_program(prompt: str, completion: str, tests: Sequence[str], entry_point: str) -> str:
+    check = "def check(candidate):\n" + "".join(f"    {t}\n" for t in tests)
+    return f"{prompt}{completion}\n\n{check}\ncheck({entry_point})\n"
+
+
+def _run_deduplicated(programs: list[str], sandbox) -> list[bool]:
+    # G samples of one prompt are often identical: run each distinct program once.
+    unique = list(dict.fromkeys(programs))
+    passed = dict(zip(unique, (r.passed for r in sandbox.run_many(unique))))
+    return [passed[p] for p in programs]
+
+
+def code_tests_reward(prompts, completions, *, prompt: Sequence[str], tests: Sequence[Sequence[str]],
+                      entry_point: Sequence[str], sandbox=None, **_) -> list[float | None]:  # fmt: skip
+    """Fraction of a task's assertions that the completed program passes, each assertion run as its own
+    program in the sandbox (so one failing assertion does not hide the others).
+
+    Fields: ``prompt`` (the function's signature and docstring, which the completion continues), ``tests``
+    (assertion lines calling ``candidate``) and ``entry_point`` (the function's name). None when a task has no
+    tests. Any completion is safe to score: it runs in the sandbox under its time, memory and process limits.
+    """
+    sandbox = sandbox or shared_sandbox()
+    programs, owner = [], []
+    for i, (head, completion, checks, name) in enumerate(zip(prompt, completions, tests, entry_point)):
+        for t in checks:
+            programs.append(_test_program(head, str(completion), [t], name))
+            owner.append(i)
+    passed = _run_deduplicated(programs, sandbox)
+    totals, counts = np.zeros(len(completions)), np.zeros(len(completions))
+    for i, ok in zip(owner, passed):
+        totals[i] += ok
+        counts[i] += 1
+    return [None if n == 0 else float(t / n) for t, n in zip(totals, counts)]
+
+
+def code_pass_reward(prompts, completions, *, prompt: Sequence[str], tests: Sequence[Sequence[str]],
+                     entry_point: Sequence[str], sandbox=None, **_) -> list[float | None]:  # fmt: skip
+    """1.0 when the completed program passes all of its task's assertions (one program), else 0.0; None when
+    a task has no tests. The binary variant of :func:`code_tests_reward` (HumanEval's pass criterion)."""
+    sandbox = sandbox or shared_sandbox()
+    judged = [i for i, checks in enumerate(tests) if len(checks)]
+    programs = [_test_program(prompt[i], str(completions[i]), tests[i], entry_point[i]) for i in judged]
+    out: list[float | None] = [None] * len(completions)
+    for i, ok in zip(judged, _run_deduplicated(programs, sandbox)):
+        out[i] = float(ok)
     return out
 
 
