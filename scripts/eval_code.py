@@ -5,7 +5,7 @@ infilling built from the canonical solutions.
   python scripts/eval_code.py --checkpoint runs/code_rl/rl/hf                       # HumanEval, greedy pass@1
   python scripts/eval_code.py --checkpoint DIR --samples 20 --temperature 0.8 --k 1,10
   python scripts/eval_code.py --checkpoint DIR --problems runs/code_rl/heldout.jsonl
-  python scripts/eval_code.py --checkpoint DIR --mode infill-line                     # needs FIM training
+  python scripts/eval_code.py --checkpoint DIR --mode infill-line [--fim-layout spm]  # needs FIM training
 
 Completions are sampled in batches with the generation engine (stopped at EOS, then cut at HumanEval's stop
 sequences), run in the sandbox (dsjax.coder.sandbox: own process, limits, no network) against each problem's
@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="HF checkpoint directory or training run directory")
     p.add_argument("--problems", default="humaneval", help="'humaneval' (the shipped 164) or a JSONL(.gz) path")
     p.add_argument("--mode", choices=("complete", "infill-line"), default="complete")
+    p.add_argument("--fim-layout", choices=("psm", "spm"), default="psm",
+                   help="infilling prompt layout (infill-line): the one the model was trained with")  # fmt: skip
     p.add_argument("--samples", type=int, default=1, help="completions per problem (n)")
     p.add_argument("--k", default="1,10,100", help="pass@k values (those above --samples are left out)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
         else:
             tasks = single_line_infilling_tasks(problems, seed=args.seed)
             results = run_infilling(model, tok, tasks, sandbox, max_new_tokens=args.max_new_tokens,
-                                    batch_size=args.batch_size)  # fmt: skip
+                                    batch_size=args.batch_size, mode=args.fim_layout)  # fmt: skip
     summary = summarize(results, ks)
     summary.update(mode=args.mode, problems_source=args.problems, checkpoint=path, temperature=args.temperature,
                    seconds=time.perf_counter() - start, isolation=sandbox.isolation)  # fmt: skip
