@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from dsjax.coder.tasks import CodeTask, corpus, write_humaneval_jsonl
+from dsjax.coder.tasks import CodeTask, corpus, humaneval_fields, write_humaneval_jsonl
 from dsjax.rl.grpo import GRPOConfig
 
 
@@ -50,9 +50,7 @@ def evaluate_tasks(model, tokenizer, problems, *, samples: int, temperature: flo
     from dsjax.coder.evaluation import run_completions, sample_completions, summarize
     from dsjax.coder.humaneval import Problem as EvalProblem
 
-    as_eval = [EvalProblem(task_id=f"task/{i}", prompt=p.question, test="def check(candidate):\n"
-                           + "".join(f"    {t}\n" for t in p.fields["tests"]), entry_point=p.fields["entry_point"],
-                           canonical_solution=p.answer) for i, p in enumerate(problems)]  # fmt: skip
+    as_eval = [EvalProblem(**humaneval_fields(p, i)) for i, p in enumerate(problems)]
     completions = sample_completions(model, tokenizer, [p.prompt for p in as_eval], samples=samples,
                                      temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                                      truncate=False)  # fmt: skip

@@ -162,12 +162,15 @@ def corpus(task: CodeTask, n: int, rng: np.random.Generator, *, accuracy: float)
     return docs
 
 
+def humaneval_fields(problem: Problem, index: int) -> dict:
+    """``problem`` as HumanEval's fields (task_id, prompt, canonical_solution, test, entry_point): its assertions
+    become the body of ``check(candidate)``."""
+    test = "def check(candidate):\n" + "".join(f"    {t}\n" for t in problem.fields["tests"])
+    return dict(task_id=f"dsjax-code/{index}", prompt=problem.question, canonical_solution=problem.answer,
+                test=test, entry_point=problem.fields["entry_point"])  # fmt: skip
+
+
 def write_humaneval_jsonl(problems: list[Problem], path: str | os.PathLike) -> None:
-    """Write problems in HumanEval's JSONL format (task_id, prompt, canonical_solution, test, entry_point), which
-    ``scripts/eval_code.py --problems PATH`` reads."""
+    """Write problems in HumanEval's JSONL format, which ``scripts/eval_code.py --problems PATH`` reads."""
     with open(path, "w") as f:
-        for i, p in enumerate(problems):
-            test = "def check(candidate):\n" + "".join(f"    {t}\n" for t in p.fields["tests"])
-            row = dict(task_id=f"dsjax-code/{i}", prompt=p.question, canonical_solution=p.answer, test=test,
-                       entry_point=p.fields["entry_point"])  # fmt: skip
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(humaneval_fields(p, i)) + "\n" for i, p in enumerate(problems))
