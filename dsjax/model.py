@@ -72,7 +72,7 @@ class Transformer(nnx.Module):
 
         With concrete inputs the call runs a cached jit-compiled forward; inside a user's ``jax.jit`` it traces
         :meth:`forward` directly. ``options``: ``attention`` (naive|absorbed), ``dispatch``
-        (auto|ragged|blocked|dense|ep), ``remat`` (none|full|dots), ``layers`` (auto|scan|unroll: how the
+        (auto|ragged|blocked|dense|ep), ``remat`` (none|full|dots|offload), ``layers`` (auto|scan|unroll: how the
         layer stacks are looped, see :func:`~dsjax.layers.common.scan_stack`).
         """
         tokens = check_tokens(tokens, self.config)

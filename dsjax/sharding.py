@@ -10,10 +10,16 @@ joint down-projection, d_c elsewhere), ``qk_head``, ``kv_head``, ``v_head``, ``m
 ``moe_mlp`` (expert FFN width), ``experts`` (N_r), ``mtp_concat`` (2d), ``layers`` (stacked-layer axis).
 Activation axes have their own names (``batch``, ``seq``, ``act_embed``, ``act_vocab``) so that weights can be
 sharded along ``embed`` (FSDP) while activations are sharded along ``batch``.
+
+A mesh axis shards at most one dimension of a tensor: dimensions are resolved left to right and a mesh axis that
+an earlier dimension already took is skipped (an expert weight ``[experts, embed, moe_mlp]`` under FSDP is split
+over ``expert`` by its experts and over ``data`` alone by its width). Given the tensor's shape, mesh axes that
+would not divide a dimension evenly are dropped from it (last ones first), so one table serves every model size.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -30,38 +36,92 @@ DEFAULT_RULES: Rules = (
     ("batch", ("data", "expert")),
     ("experts", "expert"),
 )
-# FSDP (ZeRO-3 style): additionally split every weight along its model-width axis over `data`; XLA gathers
-# each weight just before use. Optimizer moments follow the weights' sharding.
-FSDP_RULES: Rules = (*DEFAULT_RULES, ("embed", "data"))
+# FSDP (ZeRO-3 style): additionally split every weight along its model-width axis over all devices (`data` x
+# `expert`; expert weights, whose experts already took `expert`, over `data`); XLA gathers each weight just
+# before use. MLA's up-projections `wq_b` / `wkv_b` have no `embed` axis: their low-rank input axis takes the
+# place (3.3B parameters of DeepSeek-V3 would otherwise stay replicated). Optimizer moments follow the weights.
+FSDP_RULES: Rules = (
+    *DEFAULT_RULES,
+    ("embed", ("data", "expert")),
+    ("q_lora", ("data", "expert")),
+    ("kv_lora", ("data", "expert")),
+)
+# Tensor parallelism over a `model` mesh axis: attention heads, dense/expert FFN width and the vocabulary, with the
+# matching activation axes (Megatron-style column/row splits; XLA inserts the reductions).
+TP_RULES: Rules = (
+    ("heads", "model"),
+    ("mlp", "model"),
+    ("moe_mlp", "model"),
+    ("vocab", "model"),
+    ("act_heads", "model"),
+    ("act_mlp", "model"),
+    ("act_vocab", "model"),
+)
+
+
+def combine_rules(*tables: Rules) -> Rules:
+    """Concatenate rule tables; a later table's entry for a logical name replaces an earlier one's."""
+    merged: dict[str, MeshAxes] = {}
+    for table in tables:
+        merged.update(dict(table))
+    return tuple(merged.items())
 
 
 def logical_to_spec(
-    names: Sequence[str | None], rules: Rules = DEFAULT_RULES, mesh: Mesh | None = None
+    names: Sequence[str | None],
+    rules: Rules = DEFAULT_RULES,
+    mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
 ) -> PartitionSpec:
-    """Map logical axis names to a PartitionSpec; raises if one mesh axis would shard two dimensions."""
+    """Map logical axis names to a PartitionSpec.
+
+    Mesh axes absent from ``mesh`` are ignored; a mesh axis already used by an earlier dimension is skipped;
+    with ``shape`` (and ``mesh``), trailing mesh axes are dropped from a dimension until their product divides it.
+    """
     table = dict(rules)
+    if shape is not None and len(shape) != len(names):
+        raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
     mesh_axes = set(mesh.axis_names) if mesh is not None else None
-    used: dict[str, str] = {}
+    used: set[str] = set()
     spec = []
-    for name in names:
+    for i, name in enumerate(names):
         target = table.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         if mesh_axes is not None:
             axes = tuple(a for a in axes if a in mesh_axes)
-        for a in axes:
-            if a in used:
-                raise ValueError(f"mesh axis {a!r} maps both {used[a]!r} and {name!r} in {tuple(names)}")
-            used[a] = name
+        axes = tuple(a for a in axes if a not in used)
+        if shape is not None and mesh is not None:
+            while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+                axes = axes[:-1]
+        used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)
 
 
-def make_mesh(data: int = 1, expert: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``data`` x ``expert`` mesh over ``data * expert`` devices (the first ones by default)."""
-    devices = list(devices if devices is not None else jax.devices())[: data * expert]
-    if len(devices) != data * expert:
-        raise ValueError(f"a {data}x{expert} mesh needs {data * expert} devices, {len(devices)} available")
-    return Mesh(np.array(devices).reshape(data, expert), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+def make_mesh(data: int = 1, expert: int = 1, devices: Sequence[jax.Device] | None = None, *, model: int = 1) -> Mesh:
+    """A ``data`` x ``expert`` mesh over ``data * expert`` devices (the first ones by default), with a trailing
+    ``model`` (tensor-parallel) axis when ``model > 1``. ``devices`` may be compile-only devices of a TPU/GPU
+    topology (``dsjax.aot``): the mesh then describes that slice."""
+    n = data * expert * model
+    devices = list(devices if devices is not None else jax.devices())[:n]
+    if len(devices) != n or min(data, expert, model) < 1:
+        raise ValueError(f"a {data}x{expert}x{model} mesh needs {n} devices, {len(devices)} available")
+    shape, names = (data, expert, model), ("data", "expert", "model")
+    if model == 1:
+        shape, names = shape[:2], names[:2]
+    return Mesh(np.array(devices).reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def active_platform() -> str:
+    """The platform (``cpu``, ``tpu``, ``gpu``/``cuda``) of the active mesh's devices, else the default backend.
+
+    Decisions that depend on the hardware (MoE dispatch, attention kernels) read this rather than
+    ``jax.default_backend()``: a program compiled on a CPU host for a TPU slice must take the TPU path.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def shard(x: jax.Array, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> jax.Array:
@@ -75,9 +135,10 @@ def shard(x: jax.Array, names: Sequence[str | None], rules: Rules = DEFAULT_RULE
 def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """The NamedSharding of one variable from its ``logical_axes`` metadata."""
     names = var.get_metadata().get("logical_axes")
-    if names is None or len(names) != var.get_value().ndim:
-        raise ValueError(f"variable of shape {var.get_value().shape} has logical axes {names!r}")
-    return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
+    shape = var.get_value().shape
+    if names is None or len(names) != len(shape):
+        raise ValueError(f"variable of shape {shape} has logical axes {names!r}")
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:

@@ -12,17 +12,23 @@ import dsjax
 from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, logical_to_spec, make_mesh, state_shardings
 
 
-def test_rules_map_logical_axes_and_reject_collisions():
+def test_rules_map_logical_axes_first_dimension_wins_and_uneven_axes_drop():
     mesh = make_mesh(data=2, expert=4)
     assert logical_to_spec(("batch", "seq", "act_embed"), DEFAULT_RULES, mesh) == P(("data", "expert"), None, None)
+    # `expert` is taken by the experts, so the FSDP width axis gets `data` alone.
     assert logical_to_spec(("experts", "embed", "moe_mlp"), FSDP_RULES, mesh) == P("expert", "data", None)
+    assert logical_to_spec(("embed", "vocab"), FSDP_RULES, mesh) == P(("data", "expert"), None)
+    assert logical_to_spec(("experts", "batch"), DEFAULT_RULES, mesh) == P("expert", "data")
+    # 12 rows split over data (2) but not over data x expert (8); 3 over neither.
+    assert logical_to_spec(("embed", "vocab"), FSDP_RULES, mesh, shape=(12, 5)) == P("data", None)
+    assert logical_to_spec(("embed",), FSDP_RULES, mesh, shape=(3,)) == P(None)
+    with pytest.raises(ValueError, match="do not match shape"):
+        logical_to_spec(("embed",), FSDP_RULES, mesh, shape=(3, 4))
     assert logical_to_spec(("layers", "experts", "embed", "moe_mlp"), DEFAULT_RULES, mesh) == P(
         None, "expert", None, None
     )
     single = make_mesh(data=8, expert=1, devices=jax.devices())
     assert logical_to_spec(("batch",), DEFAULT_RULES, single) == P(("data", "expert"))
-    with pytest.raises(ValueError, match="maps both"):
-        logical_to_spec(("experts", "batch"), DEFAULT_RULES, mesh)
 
 
 @pytest.mark.parametrize("dispatch", ["ragged", "blocked", "ep"])

@@ -111,7 +111,9 @@ def test_sharded_step_equals_single_device(dispatch, fsdp):
     with jax.set_mesh(mesh):
         graphdef, sstate, tx = _setup(run, mesh, FSDP_RULES if fsdp else DEFAULT_RULES)
         if fsdp:
-            assert sstate.params["embed"].get_value().sharding.spec == jax.sharding.PartitionSpec(None, "data")
+            spec = jax.sharding.PartitionSpec(None, ("data", "expert"))  # FSDP over all 8 devices
+            assert sstate.params["embed"].get_value().sharding.spec == spec
+            assert sstate.opt_state[1][0].mu["embed"].get_value().sharding.spec == spec
         shardings = jax.tree.map(lambda x: x.sharding, sstate)
         batch_sharding = jax.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "expert")))
         step = jit_train_step(make_train_step(graphdef, run.model, run.train, tx), shardings, batch_sharding)

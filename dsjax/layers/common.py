@@ -7,6 +7,7 @@ from typing import TypeVar
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import Fp8Recipe
 from dsjax.ops.fp8 import dequantize_blocks, fp8_matmul, quantize_blocks
@@ -140,11 +141,22 @@ def stacked(n: int, make: Callable[[nnx.Rngs], M], rngs: nnx.Rngs) -> M:
     return nnx.merge(graphdef, state)
 
 
+LAYER_INPUT = "layer_input"  # checkpoint name of each layer's input activation (see the ``offload`` policy)
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Recompute everything but keep each layer's input in host memory rather than HBM (MaxText's decoder-input
+    # offload): a deep stack's saved inputs (layers x tokens x d) leave the chip, transferred while other
+    # layers compute. Needs a backend with a pinned-host memory space (TPU, GPU).
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
+REMAT_POLICIES = tuple(_REMAT_POLICIES)
 
 
 LAYER_LOOPS = ("auto", "scan", "unroll")
@@ -160,7 +172,8 @@ def scan_stack(stack: M, carry, body: Callable[..., tuple], *, xs=None, remat: s
     backward pass then reads each layer's residuals directly instead of slicing them out of (and the forward
     writing them into) stacked buffers, 20-25% of a small model's train step on CPU (measured); compile time
     grows with depth. ``"auto"`` unrolls stacks of at most ``UNROLL_MAX_LAYERS`` layers.
-    ``remat``: ``none``, ``full`` (recompute everything in the backward pass) or ``dots`` (keep matmul outputs).
+    ``remat``: ``none``, ``full`` (recompute everything in the backward pass), ``dots`` (keep matmul outputs) or
+    ``offload`` (recompute everything, with each layer's input saved to host memory).
     """
     if remat not in _REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; choose one of {sorted(_REMAT_POLICIES)}")
@@ -171,6 +184,7 @@ def scan_stack(stack: M, carry, body: Callable[..., tuple], *, xs=None, remat: s
     def step(carry, inputs):
         layer_state, x = inputs
         layer = nnx.merge(graphdef, layer_state)
+        carry = jax.tree.map(lambda c: checkpoint_name(c, LAYER_INPUT), carry)
         return body(layer, carry) if xs is None else body(layer, carry, x)
 
     if remat != "none":

@@ -10,7 +10,7 @@ from dsjax.ops.ep import moe_expert_parallel
 from dsjax.ops.fp8 import blocked_matmul, grouped_matmul
 from dsjax.ops.moe import moe_blocked, moe_dense, moe_ragged
 from dsjax.ops.routing import Routing, route
-from dsjax.sharding import shard
+from dsjax.sharding import active_platform, shard
 
 # ragged: sort + grouped matmul on each device; dense: every expert on every token (reference);
 # blocked: block-padded batched matmul, the fast path on CPU; ep: expert parallelism, tokens exchanged by
@@ -20,7 +20,9 @@ DISPATCH_IMPLS = ("auto", *_COMBINE)
 
 
 def resolve_dispatch(dispatch: str, tokens: int | None = None, cfg: ModelConfig | None = None) -> str:
-    """``auto`` picks ``ragged`` on accelerators. On CPU (where XLA's ragged_dot is slow) it picks ``blocked``,
+    """``auto`` picks ``ep`` on accelerators with an expert mesh axis, else ``ragged``; the platform is the
+    active mesh's (:func:`dsjax.sharding.active_platform`), so compiling for a TPU on a CPU host takes the TPU
+    path. On CPU (where XLA's ragged_dot is slow) it picks ``blocked``,
     except for about as many tokens as experts (``k * tokens >= e`` and ``tokens <= 2e``, i.e. decoding a batch),
     where ``dense`` reads each expert's weights once instead of gathering copies and is faster (measured).
     With ``cfg.fp8`` the experts run as FP8 GEMMs (grouped for ``ragged``/``ep``, per block for ``blocked``);
@@ -31,17 +33,26 @@ def resolve_dispatch(dispatch: str, tokens: int | None = None, cfg: ModelConfig 
         if dispatch == "dense":
             raise ValueError("dispatch='dense' has no FP8 path; with fp8 use 'blocked', 'ragged', 'ep' or 'auto'")
         if dispatch == "auto":
-            return "blocked" if jax.default_backend() == "cpu" else "ragged"
+            return "blocked" if active_platform() == "cpu" else _accelerator_dispatch()
         return dispatch
     if dispatch != "auto":
         return dispatch
-    if jax.default_backend() != "cpu":
-        return "ragged"
+    if active_platform() != "cpu":
+        return _accelerator_dispatch()
     if tokens is not None and cfg is not None:
         e = cfg.n_routed_experts
         if tokens * cfg.num_experts_per_tok >= e and tokens <= 2 * e:
             return "dense"
     return "blocked"
+
+
+def _accelerator_dispatch() -> str:
+    """On TPU/GPU: expert parallelism when the active mesh has an ``expert`` axis of size > 1 (the automatic
+    partitioner would otherwise sort all tokens globally and gather every expert's weights), else ``ragged``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.shape.get("expert", 1) > 1:
+        return "ep"
+    return "ragged"
 
 
 class MoE(nnx.Module):

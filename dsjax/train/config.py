@@ -19,7 +19,7 @@ import os
 import yaml
 
 from dsjax.config import ConfigError, ModelConfig
-from dsjax.layers.common import LAYER_LOOPS
+from dsjax.layers.common import LAYER_LOOPS, REMAT_POLICIES
 from dsjax.layers.moe import DISPATCH_IMPLS
 from dsjax.yaml_config import model_config_from_dict, model_config_to_dict
 
@@ -82,7 +82,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
         for name in ("compute_dtype", "moment_dtype"):
             _check(getattr(self, name) in ("float32", "bfloat16"), f"train.{name}", "float32 or bfloat16")
-        _check(self.remat in ("none", "full", "dots"), "train.remat", "none, full or dots")
+        _check(self.remat in REMAT_POLICIES, "train.remat", f"one of {REMAT_POLICIES}")
         _check(self.layers in LAYER_LOOPS, "train.layers", f"one of {LAYER_LOOPS}")
         _check(self.dispatch in DISPATCH_IMPLS, "train.dispatch", f"one of {DISPATCH_IMPLS}")
         _check(self.max_nonfinite_run > 0, "train.max_nonfinite_run", "must be positive")

@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsjax.config import ModelConfig
 from dsjax.data.pipeline import future_targets
-from dsjax.model import Transformer
+from dsjax.model import Transformer, abstract_model
 from dsjax.ops.routing import Routing
+from dsjax.sharding import Rules, state_shardings
 from dsjax.train import losses
 from dsjax.train.config import TrainConfig
 from dsjax.train.optim import learning_rate
@@ -32,19 +34,66 @@ class TrainState(NamedTuple):
     nonfinite_total: jax.Array
 
 
-def init_train_state(model: Transformer, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """Split ``model`` into graphdef + state and initialise the optimizer (jitted, so moments inherit the
-    parameters' shardings)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def optimizer_shardings(tx: optax.GradientTransformation, params):
+    """The shardings of ``tx.init(params)``: every moment sharded exactly like its parameter, scalars (step
+    counts) replicated. ``params`` leaves are arrays or ``ShapeDtypeStruct`` carrying a ``sharding``.
+
+    ``jax.jit(tx.init)`` alone leaves the choice to the partitioner, which replicates the moments (zeros need no
+    input): on a 512-chip slice that is the difference between fitting and not."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    first = jax.tree.leaves(param_shardings)[0]
+    scalar = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        param_shardings,
+        transform_non_params=lambda _: scalar,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+
+
+def _check_trainable(params) -> None:
     fp8 = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(params) if v.dtype.itemsize == 1]
     if fp8:
         raise ValueError(
             f"parameters stored in fp8 cannot be trained ({fp8[0]}, ...): load float weights "
             "(from_pretrained(..., dequantize=True)) and set ModelConfig.fp8 for FP8 GEMMs"
         )
-    opt_state = jax.jit(tx.init)(params)
+
+
+def init_train_state(model: Transformer, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """Split ``model`` into graphdef + state and initialise the optimizer, each moment placed like its
+    parameter (see :func:`optimizer_shardings`)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _check_trainable(params)
+    opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params))(params)
     zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers: the state is donated
     return graphdef, TrainState(zeros[0], params, rest, opt_state, zeros[1], zeros[2])
+
+
+def abstract_train_state(
+    model_cfg: ModelConfig, tx_for_params, mesh: Mesh, rules: Rules, *, dtype=jnp.bfloat16
+) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+    """The train state of ``model_cfg`` as ``ShapeDtypeStruct`` leaves with their shardings on ``mesh`` (fp32
+    master weights, moments like the parameters, scalars replicated): what :func:`init_train_state` would build,
+    with no memory, for compiling the step ahead of time for any model size. ``tx_for_params(params) -> tx``
+    builds the optimizer (e.g. ``functools.partial(make_optimizer, train_cfg)``)."""
+    graphdef, params, rest = nnx.split(abstract_model(model_cfg, dtype=dtype, param_dtype=jnp.float32), nnx.Param, ...)
+
+    def placed(state):
+        shardings = state_shardings(state, mesh, rules)
+        return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
+
+    params, rest = placed(params), placed(rest)
+    tx = tx_for_params(params)
+    opt_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(tx.init, params),
+        optimizer_shardings(tx, params),
+    )
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    return graphdef, TrainState(scalar, params, rest, opt_state, scalar, scalar), tx
 
 
 def _concat_routing(a: Routing | None, b: Routing | None) -> Routing | None:

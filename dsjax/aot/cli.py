@@ -1,0 +1,90 @@
+"""``scripts/aot.py``: compile one of dsjax's steps for a TPU slice or GPU host and report per-chip figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dsjax.config import ConfigError
+
+RULES = ("fsdp", "default", "fsdp+tp")
+
+
+def _mesh_sizes(text: str) -> dict[str, int]:
+    sizes = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or name not in ("data", "expert", "model") or not value.isdigit():
+            raise ConfigError(f"--mesh {text!r}: expected e.g. data=8,expert=64[,model=1]")
+        sizes[name] = int(value)
+    return sizes
+
+
+def build(args) -> tuple:
+    """``(program, target, mesh)`` from parsed arguments."""
+    import jax.numpy as jnp
+
+    from dsjax.aot import steps
+    from dsjax.aot.targets import target as make_target
+    from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, TP_RULES, combine_rules, make_mesh
+    from dsjax.train.config import TrainConfig, _build, apply_overrides
+    from dsjax.yaml_config import model_config_from_dict
+
+    d = apply_overrides(
+        {"model": {}, "train": {"compute_dtype": "bfloat16", "remat": "full", "moment_dtype": "bfloat16"}}, args.set
+    )
+    unknown = set(d) - {"model", "train"}
+    if unknown:
+        raise ConfigError(f"--set: unknown sections {sorted(unknown)} (model, train)")
+    cfg = model_config_from_dict({"preset": args.model, "model": d["model"]})
+    tc = _build(TrainConfig, "train", d["train"])
+    tgt = make_target(args.topology)
+    sizes = _mesh_sizes(args.mesh) if args.mesh else {"data": 1, "expert": tgt.num_chips}
+    if sizes.get("data", 1) * sizes.get("expert", 1) * sizes.get("model", 1) != tgt.num_chips:
+        raise ConfigError(f"--mesh {sizes} does not cover the {tgt.num_chips} chips of {tgt.name}")
+    mesh = make_mesh(sizes.get("data", 1), sizes.get("expert", 1), tgt.devices, model=sizes.get("model", 1))
+    rules = {"fsdp": FSDP_RULES, "default": DEFAULT_RULES, "fsdp+tp": combine_rules(FSDP_RULES, TP_RULES)}[args.rules]
+    batch = args.batch if args.per_chip_batch is None else args.per_chip_batch * tgt.num_chips
+    if batch is None:
+        raise ConfigError("give --batch (global rows) or --per-chip-batch")
+    if args.step == "train":
+        program = steps.train_program(cfg, tc, mesh, rules, batch=batch, seq=args.seq)
+    elif args.step == "prefill":
+        program = steps.prefill_program(cfg, mesh, rules, batch=batch, seq=args.seq, dispatch=tc.dispatch)
+    else:
+        program = steps.decode_program(
+            cfg, mesh, rules, batch=batch, context=args.seq, dispatch=tc.dispatch, dtype=jnp.bfloat16
+        )
+    return program, tgt, mesh
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsjax.aot.report import compile_report, format_report
+    from dsjax.aot.steps import STEPS
+    from dsjax.config import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--topology", required=True, help="TPU slice (v5p:8x8x8, v5p-1024) or GPU host (8xh200)")
+    parser.add_argument("--model", default="deepseek_v3", choices=sorted(PRESETS), help="model preset")
+    parser.add_argument("--step", default="train", choices=STEPS)
+    parser.add_argument("--mesh", help="axis sizes, e.g. data=8,expert=64 (default: expert over all chips)")
+    parser.add_argument("--rules", default="fsdp", choices=RULES, help="sharding rules table")
+    parser.add_argument("--batch", type=int, help="global batch rows")
+    parser.add_argument("--per-chip-batch", type=int, help="batch rows per chip (instead of --batch)")
+    parser.add_argument("--seq", type=int, default=4096, help="sequence length (decode: cached context)")
+    parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=V|train.FIELD=V")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args(argv)
+    try:
+        program, tgt, mesh = build(args)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    name = f"{args.model} {args.step} batch {program.tokens // (args.seq if args.step != 'decode' else 1)}"
+    name += f" x {args.seq}" if args.step != "decode" else f" context {args.seq}"
+    report = compile_report(program, tgt, mesh, name=name)
+    print(format_report(report), flush=True)
+    if args.json:
+        print(json.dumps(report, default=float), flush=True)
+    return 0 if report.get("fits") else 2

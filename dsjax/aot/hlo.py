@@ -1,0 +1,248 @@
+"""Reading a compiled program's optimised HLO text: matmul flops and collectives, with loop trip counts.
+
+XLA's ``cost_analysis()`` counts the body of a ``while`` loop once, so for a model whose layers run under
+``lax.scan`` it reports the flops of one layer's iteration, not of the whole stack; the GPU client gives no cost
+analysis at all. This module walks the HLO's call graph instead: every computation is weighted by how many times
+it runs (``while`` bodies by their trip count: XLA's ``known_trip_count`` where recorded, else the constant
+bound of the loop condition's ``counter < N``, which is how ``lax.scan`` loops read), and matmul-like
+instructions (``dot``, ``convolution``, ragged-dot kernels, cuBLAS GEMM calls) and collectives are counted with
+that weight. Shapes in optimised HLO are per device, so the counts are per device too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections import defaultdict
+
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fnuz": 1,
+    "f8e5m2fnuz": 1, "f8e8m0fnu": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+COLLECTIVES = (
+    "all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute",
+    "collective-broadcast",
+)  # fmt: skip
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_CALLEE = re.compile(
+    r"\b(calls|to_apply|body|condition|branch_computations|called_computations)=(\{[^}]*\}|%?[\w.\-]+)"
+)
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_PARAM = re.compile(r"([\w.\-]+):\s*((?:\([^)]*\))|(?:\w+\[[0-9,]*\]))")
+
+
+def _shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _SHAPE.findall(text)]
+
+
+def _nbytes(shapes) -> int:
+    return sum(_DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in shapes)
+
+
+def _operands(args: str) -> str:
+    """The operand list of an instruction (its text up to the matching closing parenthesis)."""
+    depth = 1
+    for i, ch in enumerate(args):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            return args[:i]
+    return args
+
+
+@dataclasses.dataclass
+class HloCounts:
+    """Per-device totals of one program (loop-weighted)."""
+
+    matmul_flops: float = 0.0
+    collectives: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: {"count": 0, "bytes": 0}))
+    unknown_trip_counts: int = 0  # while loops without a known trip count (counted once)
+
+    @property
+    def collective_bytes(self) -> int:
+        return sum(v["bytes"] for v in self.collectives.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "matmul_flops": self.matmul_flops,
+            "collectives": {k: dict(v) for k, v in sorted(self.collectives.items())},
+            "collective_bytes": self.collective_bytes,
+            "unknown_trip_counts": self.unknown_trip_counts,
+        }
+
+
+def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
+    out = _shapes(out_text)
+    if not out:
+        return 0.0
+    out_elems = math.prod(out[0][1])
+    if op == "dot":
+        m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
+        if not ins or m is None:
+            return 0.0
+        lhs = ins[0][1]
+        return 2.0 * out_elems * math.prod(lhs[int(d)] for d in m.group(1).split(",") if d)
+    if op == "convolution":
+        # A dot lowered as a convolution: out x input features x window taps that land on real input. TPU
+        # lowers batched matmuls to convolutions whose window slides over a padded, dilated batch dim, where
+        # most taps hit holes: count the real ones exactly, dimension by dimension.
+        labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+        if len(ins) < 2 or labels is None:
+            return 0.0
+        lhs_labels, kernel_labels, out_labels = labels.groups()
+        lhs, kernel, out_shape = ins[0][1], ins[1][1], out[0][1]
+        window = re.search(r"window=\{([^}]*)\}", attrs)
+        spatial = [c for c in kernel_labels if c.isdigit()]
+        field = {}
+        if window:
+            for key, value in re.findall(r"(\w+)=([0-9x_\-]+)", window.group(1)):
+                field[key] = value.split("x")
+        taps_total = 1
+        for j, c in enumerate(spatial):
+            get = lambda key, default, j=j: int(field[key][j]) if key in field else default
+            size, stride = get("size", kernel[kernel_labels.index(c)]), get("stride", 1)
+            lhs_d, rhs_d = get("lhs_dilate", 1), get("rhs_dilate", 1)
+            pad_lo = int(field["pad"][j].split("_")[0]) if "pad" in field else 0
+            length = (lhs[lhs_labels.index(c)] - 1) * lhs_d + 1
+            taps = 0
+            for o in range(out_shape[out_labels.index(c)]):
+                for t in range(size):
+                    p = o * stride - pad_lo + t * rhs_d
+                    taps += 0 <= p < length and p % lhs_d == 0
+            taps_total *= taps
+        out_spatial = math.prod(out_shape[out_labels.index(c)] for c in spatial)
+        return 2.0 * out_elems / max(out_spatial, 1) * kernel[kernel_labels.index("i")] * taps_total
+    if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', attrs)
+        target = target.group(1) if target else ""
+        if "gemm" in target and "backend_config" in attrs and ins:  # cuBLAS / cuBLASLt
+            m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', attrs)
+            dims = [int(d.strip('" ')) for d in m.group(1).split(",") if d.strip('" ')] if m else []
+            return 2.0 * out_elems * math.prod(ins[0][1][d] for d in dims)
+        if "ragged-dot" in attrs or "ragged_dot" in attrs:
+            # The TPU kernel's operands end with x [m, k] and the grouped weights; every row is computed.
+            x = [s for s in ins if len(s[1]) == 2 and s[1][0] == out[0][1][0]]
+            return 2.0 * out_elems * x[-1][1][1] if x else 0.0
+    return 0.0
+
+
+def analyse_hlo(text: str) -> HloCounts:
+    """Loop-weighted matmul flops and collectives (count, operand bytes) of an optimised HLO module's text."""
+    computations: dict[str, list[str]] = {}
+    shape_of: dict[str, str] = {}  # value name -> its shape text (optimised HLO names operands without shapes)
+    entry = None
+    current = None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(1)
+            computations[current] = []
+            params = line[line.index("(") + 1 : line.rindex("->")]
+            shape_of.update(_PARAM.findall(params))
+            if line.startswith("ENTRY"):
+                entry = current
+            continue
+        if current is not None and line.strip() == "}":
+            current = None
+            continue
+        if current is not None:
+            computations[current].append(line)
+            instr = _INSTR.match(line)
+            if instr is not None:
+                shape_of[instr.group(1)] = instr.group(2)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    # Call graph with weights: a while body/condition runs trip-count times per execution of its caller.
+    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    counts = HloCounts()
+    for name, lines in computations.items():
+        for line in lines:
+            instr = _INSTR.match(line)
+            if instr is None:
+                continue
+            trip = 1
+            if instr.group(3) == "while":
+                trip = _trip_count(line, computations)
+                if trip is None:
+                    counts.unknown_trip_counts += 1
+                    trip = 1
+            for kind, callee in _CALLEE.findall(line):
+                factor = trip if kind in ("body", "condition") else 1
+                for c in re.findall(r"%?([\w.\-]+)", callee.strip("{}")):
+                    if c in computations:
+                        edges[name].append((c, factor))
+
+    # Execution counts in topological order (HLO call graphs are acyclic).
+    indegree: dict[str, int] = defaultdict(int)
+    for callees in edges.values():
+        for c, _ in callees:
+            indegree[c] += 1
+    weight: dict[str, float] = defaultdict(float)
+    weight[entry] = 1.0
+    ready = [n for n in computations if indegree[n] == 0]
+    while ready:
+        n = ready.pop()
+        for c, factor in edges.get(n, ()):
+            weight[c] += weight[n] * factor
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                ready.append(c)
+
+    for name, lines in computations.items():
+        w = weight[name]
+        if not w:
+            continue
+        for line in lines:
+            instr = _INSTR.match(line)
+            if instr is None:
+                continue
+            _, out_text, op, rest = instr.groups()
+            operands = _operands(rest)
+            attrs = rest[len(operands) :]
+            ins = [s for ref in re.findall(r"%([\w.\-]+)", operands) for s in _shapes(shape_of.get(ref, ""))]
+            ins = ins or _shapes(operands)  # unoptimised HLO prints operand shapes inline
+            counts.matmul_flops += w * _matmul_flops(op, out_text, ins, attrs)
+            kind = op.removesuffix("-start")
+            if kind in COLLECTIVES and not op.endswith("-done"):
+                entry_ = counts.collectives[kind]
+                entry_["count"] += int(w)
+                entry_["bytes"] += int(w * _nbytes(ins))
+    return counts
+
+
+def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int | None:
+    m = _TRIP.search(while_line)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", while_line)
+    lines = computations.get(cond.group(1), []) if cond else []
+    constants = {}
+    for line in lines:
+        c = re.match(r"^\s*%?([\w.\-]+)\s*=\s*s(?:32|64)\[\]\S*\s+constant\((\d+)\)", line)
+        if c:
+            constants[c.group(1)] = int(c.group(2))
+    for line in lines:
+        if "ROOT" in line and "compare(" in line and "direction=LT" in line:
+            refs = re.findall(r"%([\w.\-]+)", line[line.index("compare(") :])
+            bounds = [constants[r] for r in refs if r in constants]
+            if len(bounds) == 1:
+                return bounds[0]
+    return None
+
+
+def largest_buffers(message: str, limit: int = 8) -> list[str]:
+    """The largest allocations an out-of-memory compile error lists (XLA prints them after the summary)."""
+    lines = [ln.strip() for ln in message.splitlines()]
+    picked = [ln for ln in lines if re.search(r"(Size|size):\s*[\d.]+[KMGT]?", ln) or "Shape:" in ln]
+    return picked[:limit] if picked else lines[1 : 1 + limit]
+
+
+def json_safe(obj):
+    """Round-trip through JSON types (defaultdicts and numpy scalars become plain values)."""
+    return json.loads(json.dumps(obj, default=float))
