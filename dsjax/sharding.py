@@ -45,6 +45,9 @@ FSDP_RULES: Rules = (
     ("embed", ("data", "expert")),
     ("q_lora", ("data", "expert")),
     ("kv_lora", ("data", "expert")),
+    # dsjax.vision: the SigLIP tower's width and the VL2 projector's input width (4 x the tower's).
+    ("vit_embed", ("data", "expert")),
+    ("proj_in", ("data", "expert")),
 )
 # Tensor parallelism over a `model` mesh axis: attention heads, dense/expert FFN width and the vocabulary, with the
 # matching activation axes (Megatron-style column/row splits; XLA inserts the reductions).
