@@ -175,6 +175,13 @@ class ModelConfig:
     fp8: Fp8Recipe | None = None
     # Storage: those weights are held as E4M3 with fp32 128x128 block scales (HF ``quantization_config``).
     fp8_weights: bool = False
+    # Expert parallelism (dispatch "ep"): None = dropless (receive buffers sized for the worst case, expert-shards
+    # times the routed volume); a float c = each device receives at most c x its balanced share of (token,
+    # expert) slots, later routing choices dropped first (see dsjax.ops.ep). MaxText trains V3 at c = 1.0.
+    moe_capacity_factor: float | None = None
+    # How tokens travel: "ragged" (ragged_all_to_all: only occupied rows, emulated on CPU), "all_to_all" (fixed
+    # per-destination buckets) or "auto" (ragged on TPU/GPU or with a capacity factor, else all_to_all).
+    moe_exchange: str = "auto"
 
     def __post_init__(self):
         # Enums may arrive as strings from YAML / config.json; normalise so comparisons are exact.
@@ -271,6 +278,17 @@ class ModelConfig:
             "fp8.block",
             f"fp8_weights are stored in 128x128 blocks; FP8 compute on them needs block 128, "
             f"got {getattr(self.fp8, 'block', None)}",
+        )
+        need(
+            self.moe_capacity_factor is None
+            or (isinstance(self.moe_capacity_factor, int | float) and 0 < self.moe_capacity_factor < float("inf")),
+            "moe_capacity_factor",
+            f"must be None (dropless) or a positive number, got {self.moe_capacity_factor!r}",
+        )
+        need(
+            self.moe_exchange in ("auto", "ragged", "all_to_all"),
+            "moe_exchange",
+            f"must be auto, ragged or all_to_all, got {self.moe_exchange!r}",
         )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")

@@ -195,3 +195,28 @@ def test_loss_falls_below_unigram_entropy(tmp_path):
     assert summary.final_ce < 0.75 * summary.unigram_entropy, summary
     assert (tmp_path / "loss.png").exists() and (tmp_path / "expert_load.png").exists()
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_capacity_dropping_is_reported_by_the_step():
+    """Expert parallelism with a capacity factor: the step reports the share of dropped slots, computed from
+    the routing alone; it equals what the layer drops (tests/test_ep.py) and is absent when dropless."""
+    from dsjax.ops.ep import dropped_slots
+
+    run = load_run_config("configs/train_tiny.yaml", [*SMALL, "train.dispatch=ep", "model.moe_capacity_factor=0.5"])
+    batch = _batches(run, 1)[0]
+    mesh = make_mesh(data=2, expert=4)
+    with jax.set_mesh(mesh):
+        graphdef, state, tx = _setup(run, mesh, DEFAULT_RULES)
+        out = nnx.merge(graphdef, state.params, state.rest).forward(
+            batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], return_mtp=True,
+            dispatch="ep",
+        )  # fmt: skip
+        step = jit_train_step(make_train_step(graphdef, run.model, run.train, tx))
+        _, metrics = step(state, batch)  # donates the state: forward first
+    experts = jnp.concatenate([out.routing.experts_mk, out.mtp_routing.experts_mk])
+    count = sum(
+        int(dropped_slots(e, num_experts=8, expert_shards=4, token_shards=8, capacity_factor=0.5, exchange="auto"))
+        for e in experts
+    )
+    assert 0 < float(metrics["moe_dropped"]) == pytest.approx(count / experts.size)
+    assert bool(metrics["finite"])

@@ -105,6 +105,9 @@ class MoE(nnx.Module):
                 kwargs["gmm"] = grouped_matmul(self.cfg.fp8)
         else:
             weights = [float_weight(w, s, x_md.dtype, n_in=1, n_lead=1) for w, s in experts]
+        if dispatch == "ep":
+            kwargs["capacity_factor"] = self.cfg.moe_capacity_factor
+            kwargs["exchange"] = self.cfg.moe_exchange
         y_md = combine(x_md, routing.weights_mk, routing.experts_mk, *weights, accum_dtype=accum, **kwargs)
         y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "act_embed"))
         if self.cfg.n_shared_experts:

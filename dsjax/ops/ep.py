@@ -1,38 +1,113 @@
-"""Dropless expert parallelism: dispatch token slots to expert shards with an explicit all-to-all.
+"""Expert parallelism: dispatch token slots to expert shards with an explicit exchange inside ``shard_map``.
 
 Layout (inside ``jax.shard_map``, per device): ``m_l`` local tokens (the token dim is sharded over ``token_axes``,
 which must include ``expert_axis``) and ``E_l = E / P`` local experts (the expert dim of the weights is sharded
-over ``expert_axis`` of size ``P``; the weights are replicated over the other axes). Each device
+over ``expert_axis`` of size ``P``; the weights are replicated over the other axes). Each device owns
+``S = m_l * k`` (token, expert) slots. It
 
-1. buckets its ``S = m_l * k`` (token, expert) slots by destination shard ``expert // E_l`` into a fixed-size send
-   buffer ``[P, C, d]`` with ``C = S`` rows per destination, plus the local expert id of every row (``E_l`` marks
-   padding, so padding sorts last and is not counted in any group);
-2. exchanges the buffers with ``jax.lax.all_to_all`` over ``expert_axis``;
-3. sorts the ``P * C`` received rows by local expert and runs the local experts with ``jax.lax.ragged_dot``
-   (padding rows are outside every group; their gate/up activations are masked to zero, so they contribute
-   nothing and cannot inject NaNs into values or gradients);
-4. returns the results with the inverse ``all_to_all`` and combines them with the routing weights into
-   ``[m_l, d]`` in ``accum_dtype``.
+1. orders its slots by destination shard ``expert // E_l`` and, within one destination, in *priority order*:
+   slot ``(t, j)`` (local token ``t``, routing column ``j``) comes before ``(t', j')`` iff ``(j, t) < (j', t')``,
+   i.e. every token's first choice before any token's second choice (``dsjax.ops.routing.route`` returns the
+   top-k in descending score order, so column ``j`` is the ``j``-th best expert);
+2. exchanges them over ``expert_axis`` (see *Exchanges*), together with each row's local expert id;
+3. sorts the received rows by local expert and runs the local experts with ``jax.lax.ragged_dot`` (``gmm``);
+   empty buffer rows carry the id ``E_l``, sort last and fall outside every group, and their gate/up activations
+   are masked to zero, so they contribute nothing and cannot inject NaNs into values or gradients;
+4. returns the results by the reverse exchange and combines them with the routing weights into ``[m_l, d]`` in
+   ``accum_dtype``.
 
-Memory cost of staying dropless with static shapes: ``C = m_l * k`` is the worst case (every slot of every local
-token goes to one shard), so the send and receive buffers hold ``P * m_l * k * d`` elements each (``P`` times the
-``m_l * k * d`` actually routed), the grouped matmuls see ``P * m_l * k`` rows (padding rows are skipped by real
-grouped-GEMM kernels but still occupy memory, e.g. the ``[P * m_l * k, f]`` activations kept for backward), and
-the all-to-all moves ``P`` times the useful bytes. A capacity factor would cut this at the price of dropping
-tokens. The upgrade path on GPU/TPU is ``jax.lax.ragged_all_to_all``, which sends only the occupied rows of each
-bucket (sizes exchanged by a small all_to_all first) into a receive buffer sized by the real load; XLA:CPU (jax
-0.10) does not implement ``ragged-all-to-all``, so it is not offered here.
+Exchanges (``exchange=``):
+
+- ``"all_to_all"``: fixed-size per-destination buckets of ``C`` rows, ``jax.lax.all_to_all`` both ways. Dropless
+  (``capacity_factor=None``) needs the worst case ``C = S`` (every local slot to one shard): send and receive
+  buffers of ``P * S`` rows and grouped matmuls over ``P * S`` rows, ``P`` times the routed volume (a ``[P * S, f]``
+  activation is kept for backward, and the all-to-all moves ``P`` times the useful bytes). With a capacity factor
+  ``c``, ``C = ceil(c * S / P)``; slots beyond the first ``C`` of a (source, destination) pair, in priority order,
+  are dropped.
+- ``"ragged"``: ``jax.lax.ragged_all_to_all``. The ``[P, k]`` per-(destination, column) slot counts are
+  all-gathered first (``P * P * k`` int32), from which every device computes the same send sizes and offsets;
+  each source sends only the occupied rows of its ``S``-row, destination-sorted send buffer (no padding on the
+  send side), and every source's chunk lands contiguously (in source order) in the receiver's buffer of ``R`` rows:
+  ``R = round_up(ceil(c * S), 8)`` (the balanced load times ``c``; at most ``P * S``), or ``P * S`` when dropless.
+  The grouped FFN runs on ``R`` rows. A receiver keeps the first ``R`` of the slots bound to it in the order
+  (column ``j``, source shard, local token): all first choices from every source before any second choice, ties
+  between sources going to the lower shard index; a source's kept slots are thus a prefix of its chunk, and the
+  rest are dropped. (Plain source order, cheaper by only the ``k`` factor in the gathered counts, would drop the
+  higher shards' tokens, i.e. fixed batch rows, first; column order costs ``P * P * k`` integers and drops the
+  least preferred choices first.) The return trip is the reverse ``ragged_all_to_all``. ``ragged_all_to_all`` is
+  differentiable in jax 0.10.2 (its transpose is a reverse ``ragged_all_to_all`` whose offsets it re-derives with
+  two more all_to_alls); a ``custom_vjp`` sends cotangents back along the already known reverse plan instead.
+  XLA:CPU (jax 0.10.2) does not implement ``ragged-all-to-all``; on CPU meshes it is emulated with exactly the
+  same semantics (chunks padded to ``min(S, R)`` rows, a plain ``all_to_all``, then a scatter at the computed
+  offsets), so the index arithmetic and the dropping are testable on simulated CPU devices.
+- ``"auto"`` (default): ``"ragged"`` with a capacity factor (on every platform, so which slots are dropped never
+  depends on the platform; CPU uses the emulation) and on TPU/GPU also when dropless (it sends ``S`` rows instead
+  of ``P * S``); ``"all_to_all"`` when dropless on CPU (the emulation would only add a scatter).
+
+The platform comes from the ``platform`` argument, else :func:`dsjax.sharding.active_platform`: the active mesh's
+(``jax.set_mesh`` with a concrete ``Mesh`` records its devices' platform in the abstract mesh that ``jit`` tracing
+sees), else ``jax.default_backend()``. So compiling for TPU devices on a CPU host (``jax.experimental.topologies``)
+picks the real ``ragged_all_to_all``.
+
+On TPU (jax 0.10.2) ``ragged_dot``'s weight gradient lowers to a masked dense batched matmul over all ``E_l``
+groups, ``E_l`` times its useful flops, whatever the buffer size; a grouped-GEMM kernel passed as ``gmm`` avoids it.
+
+Dropped slots contribute zero output and get zero gradient (their rows are never sent); the capacity only applies
+under expert parallelism (no mesh or an expert axis of size 1 runs dropless ``moe_ragged``).
+:func:`dropped_slots` counts the drops from the routing alone, for a metric.
 
 All steps are differentiable: gradients wrt ``x``, the routing weights and the three expert weight tensors flow
-through both all-to-alls (whose transposes are all-to-alls), and the weight gradients are summed over the
+through both exchanges (whose transposes are the reverse exchanges), and the weight gradients are summed over the
 non-expert token axes by ``shard_map``'s replication (vma) tracking.
 """
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from dsjax.ops.moe import moe_ragged, swiglu
+from dsjax.sharding import active_platform
+
+EXCHANGES = ("auto", "all_to_all", "ragged")
+
+
+def _check_options(capacity_factor: float | None, exchange: str) -> None:
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange={exchange!r}; choose one of {EXCHANGES}")
+    if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor={capacity_factor!r} must be None (dropless) or a finite number > 0")
+
+
+def resolve_exchange(exchange: str, capacity_factor: float | None, platform: str) -> str:
+    """The exchange ``"auto"`` stands for (see the module docstring); other values are returned as they are."""
+    _check_options(capacity_factor, exchange)
+    if exchange != "auto":
+        return exchange
+    return "ragged" if capacity_factor is not None or platform != "cpu" else "all_to_all"
+
+
+def _ceil(x: float) -> int:
+    # Rounded first so that e.g. 1.1 * 10 = 11.000000000000002 gives 11 rows, not 12.
+    return math.ceil(round(x, 6))
+
+
+def capacity_rows(capacity_factor: float | None, slots: int, shards: int, exchange: str) -> int:
+    """Static buffer rows: per destination bucket for ``"all_to_all"`` (``C``), per receiver for ``"ragged"`` (``R``).
+
+    ``slots`` is ``S = m_l * k``, the (token, expert) slots of one device; ``shards`` the expert-axis size ``P``.
+    Dropless (``None``) is the worst case; a capacity never exceeds it (more rows could not be filled).
+    """
+    if exchange == "all_to_all":
+        return slots if capacity_factor is None else min(slots, _ceil(capacity_factor * slots / shards))
+    if exchange == "ragged":
+        if capacity_factor is None:
+            return shards * slots
+        return min(shards * slots, -(-_ceil(capacity_factor * slots) // 8) * 8)
+    raise ValueError(f"exchange={exchange!r} is not resolved; use 'all_to_all' or 'ragged'")
 
 
 def moe_expert_parallel(
@@ -47,15 +122,26 @@ def moe_expert_parallel(
     expert_axis: str = "expert",
     token_axes: tuple[str, ...] = ("data", "expert"),
     gmm=None,
+    capacity_factor: float | None = None,
+    exchange: str = "auto",
+    platform: str | None = None,
 ):
     """Routed-expert output ``[m, d]``, like :func:`dsjax.ops.moe.moe_ragged` but expert-parallel.
 
     Call under ``jax.set_mesh(mesh)`` (inside or outside ``jit``). ``x_md``, ``weights_mk`` and ``experts_mk``
     (global expert ids) are sharded over ``token_axes`` (mesh axes absent from the mesh are ignored); the expert
     weights over ``expert_axis``. Without an active mesh, or with ``expert_axis`` absent or of size 1, this is
-    ``moe_ragged``. The output is sharded like ``x_md``. ``gmm`` replaces ``ragged_dot`` as in ``moe_ragged``
-    (expert weights may then be pytrees, e.g. FP8 ``(e4m3, scales)`` pairs, all sharded on their expert axis).
+    ``moe_ragged`` (dropless, whatever ``capacity_factor``). The output is sharded like ``x_md``. ``gmm`` replaces
+    ``ragged_dot`` as in ``moe_ragged`` (expert weights may then be pytrees, e.g. FP8 ``(e4m3, scales)`` pairs, all
+    sharded on their expert axis).
+
+    ``capacity_factor``: ``None`` is dropless; a number ``c > 0`` sizes the buffers at ``c`` times the balanced
+    load and drops the overflow in the documented priority order (module docstring). ``exchange``: ``"auto"``,
+    ``"all_to_all"`` or ``"ragged"`` (module docstring). ``platform`` (``"cpu"``, ``"tpu"``, ``"gpu"``) decides
+    between the real ``ragged_all_to_all`` and its CPU emulation and what ``"auto"`` means; ``None`` takes it
+    from the active mesh's devices (:func:`dsjax.sharding.active_platform`).
     """
+    _check_options(capacity_factor, exchange)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or expert_axis not in mesh.axis_names or mesh.shape[expert_axis] == 1:
         return moe_ragged(
@@ -75,6 +161,10 @@ def moe_expert_parallel(
     if x_md.shape[0] % token_shards:
         raise ValueError(f"{x_md.shape[0]} tokens do not split over {token_shards} devices of {token_axes}")
 
+    platform = platform or active_platform()
+    exchange = resolve_exchange(exchange, capacity_factor, platform)
+    slots = x_md.shape[0] // token_shards * experts_mk.shape[1]
+    rows = capacity_rows(capacity_factor, slots, num_shards, exchange)
     tok = PartitionSpec(token_axes, None)
     exp = PartitionSpec(expert_axis, None, None)
 
@@ -90,6 +180,9 @@ def moe_expert_parallel(
             axis=expert_axis,
             shards=num_shards,
             gmm=gmm or jax.lax.ragged_dot,
+            exchange=exchange,
+            rows=rows,
+            emulate=platform == "cpu",
         )
 
     return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok)(
@@ -97,40 +190,177 @@ def moe_expert_parallel(
     )
 
 
-def _moe_local(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype, axis, shards, gmm):
-    """The per-device body: bucket, all_to_all, local grouped FFN, all_to_all back, combine."""
+def _moe_local(
+    x_md,
+    weights_mk,
+    experts_mk,
+    w_gate_edf,
+    w_up_edf,
+    w_down_efd,
+    *,
+    accum_dtype,
+    axis,
+    shards,
+    gmm,
+    exchange,
+    rows,
+    emulate,
+):
+    """The per-device body: order slots, exchange, local grouped FFN, reverse exchange, combine."""
     m, k = experts_mk.shape
-    d = x_md.shape[1]
     local_experts = jax.tree.leaves(w_gate_edf)[0].shape[0]
     slots = m * k
-    cap = slots  # rows per destination shard: the worst case, every local slot to one shard (dropless)
 
-    # Buffer cell of every slot: destination shard * cap + rank among the slots bound for that shard. Sorting by
-    # global expert groups slots by destination and, within one, by local expert.
-    flat = experts_mk.reshape(slots)
+    # Slot q = j * m + t (column-major): within a destination, a stable sort keeps every token's first choice
+    # ahead of any second choice, so a capacity drops the lowest-ranked choices first.
+    flat = experts_mk.T.reshape(slots)
     dest = flat // local_experts
-    order = jnp.argsort(flat, stable=True)
-    counts = jnp.bincount(dest, length=shards).astype(jnp.int32)
-    starts = jnp.cumsum(counts) - counts
+    order = jnp.argsort(dest, stable=True)  # send position -> slot
     sorted_dest = dest[order]
-    cell_sorted = sorted_dest * cap + jnp.arange(slots, dtype=jnp.int32) - starts[sorted_dest]
-    cell = jnp.zeros((slots,), jnp.int32).at[order].set(cell_sorted)
+    counts_rj = jnp.bincount(dest * k + jnp.arange(slots) // m, length=shards * k).reshape(shards, k)
+    counts = counts_rj.sum(1).astype(jnp.int32)
+    starts = jnp.cumsum(counts) - counts  # first send position of every destination
+    rank = jnp.arange(slots, dtype=jnp.int32) - starts[sorted_dest]  # position within the destination's chunk
+    send_x = x_md[order % m]
+    send_e = (flat % local_experts)[order].astype(jnp.int32)
 
-    send_x = jnp.zeros((shards * cap, d), x_md.dtype).at[cell].set(x_md[jnp.arange(slots) // k])
-    send_e = jnp.full((shards * cap,), local_experts, jnp.int32).at[cell].set(flat % local_experts)
-    recv_x = jax.lax.all_to_all(send_x.reshape(shards, cap, d), axis, 0, 0).reshape(shards * cap, d)
-    recv_e = jax.lax.all_to_all(send_e.reshape(shards, cap), axis, 0, 0).reshape(shards * cap)
+    if exchange == "all_to_all":
+        cap = rows
+        # Bucket cell of every send position; overflowing ones point past the buffer and are neither sent nor
+        # gathered back (fill 0), so they get zero output and zero gradient.
+        cell = jnp.where(rank < cap, sorted_dest * cap + rank, shards * cap)
+        buf_x = jnp.zeros((shards * cap, x_md.shape[1]), x_md.dtype).at[cell].set(send_x, mode="drop")
+        buf_e = jnp.full((shards * cap,), local_experts, jnp.int32).at[cell].set(send_e, mode="drop")
+        recv_x = jax.lax.all_to_all(buf_x, axis, 0, 0, tiled=True)
+        recv_e = jax.lax.all_to_all(buf_e, axis, 0, 0, tiled=True)
+        y_recv = _grouped_ffn(recv_x, recv_e, w_gate_edf, w_up_edf, w_down_efd, gmm)
+        back = jax.lax.all_to_all(y_recv, axis, 0, 0, tiled=True)
+        y_sent = jnp.take(back, cell, axis=0, mode="fill", fill_value=0)
+    else:
+        me = jax.lax.axis_index(axis)
+        # Every device sees every source's per-(destination, column) counts and derives the same plan.
+        counts_srj = jax.lax.all_gather(counts_rj.astype(jnp.int32), axis)  # [source, destination, column]
+        kept = _ragged_plan(counts_srj, rows)  # [destination, source] rows kept of each chunk (a prefix)
+        send_sizes = kept[:, me]
+        output_offsets = (jnp.cumsum(kept, axis=1) - kept)[:, me]  # where my chunk starts in each receiver
+        recv_sizes = kept[me]
+        recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
+        counts_sr = counts_srj.sum(2)
+        source_starts = (jnp.cumsum(counts_sr, axis=1) - counts_sr)[:, me]  # each source's chunk bound for me
 
-    # Local experts on the received rows; the padding sentinel sorts last and bincount drops it.
-    r_order = jnp.argsort(recv_e, stable=True)
+        there = (starts, send_sizes, output_offsets, recv_sizes)
+        back = (recv_offsets, recv_sizes, source_starts, send_sizes)  # the same chunks, the other way
+        recv_x = _ragged_rows(send_x, there, back, slots, rows, axis, emulate)
+        recv_e = _ragged_all_to_all(
+            send_e, jnp.full_like(send_e, local_experts, shape=(rows,)), *there, axis=axis, emulate=emulate
+        )
+        y_recv = _grouped_ffn(recv_x, recv_e, w_gate_edf, w_up_edf, w_down_efd, gmm)
+        # Reverse trip: rows dropped on the way out stay zero in the send-ordered result.
+        y_sent = _ragged_rows(y_recv, back, there, rows, slots, axis, emulate)
+
+    inverse = jnp.zeros((slots,), jnp.int32).at[order].set(jnp.arange(slots, dtype=jnp.int32))
+    y_slots = y_sent[inverse].reshape(k, m, -1)
+    return jnp.einsum("kmd,mk->md", y_slots.astype(accum_dtype), weights_mk.astype(accum_dtype)).astype(x_md.dtype)
+
+
+def _ragged_plan(counts_srj, rows):
+    """Rows of each (source -> destination) chunk that fit a receiver's ``rows``: ``[destination, source]``.
+
+    A receiver admits slots in the order (column, source): all sources' first choices before any second choice.
+    Since a source's chunk is ordered by column too, what it may send is a prefix of the chunk.
+    """
+    shards, _, k = counts_srj.shape
+    queue = counts_srj.transpose(1, 2, 0).reshape(shards, k * shards)  # per receiver, (column, source) order
+    ahead = jnp.cumsum(queue, axis=1) - queue
+    admitted = jnp.clip(rows - ahead, 0, queue)
+    return admitted.reshape(shards, k, shards).sum(1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _ragged_rows(operand, there, back, in_rows, out_rows, axis, emulate):
+    """Ragged exchange of float rows into a zero ``[out_rows, ...]`` buffer along the plan ``there`` (input offsets,
+    send sizes, output offsets, receive sizes); its cotangent goes back along ``back``, the same chunks reversed.
+
+    ``jax.lax.ragged_all_to_all`` has a transpose rule (jax 0.10.2), but it re-derives the reverse offsets with two
+    extra all_to_alls per exchange; every device already knows them from the plan. The backward also runs through
+    the same function as the forward, so the CPU emulation covers the index arithmetic TPU/GPU use in backward.
+    """
+    del back, in_rows
+    # zeros_like keeps the operand's varying mesh axes: ragged_all_to_all types its result like ``output``.
+    output = jnp.zeros_like(operand, shape=(out_rows, *operand.shape[1:]))
+    return _ragged_all_to_all(operand, output, *there, axis=axis, emulate=emulate)
+
+
+def _ragged_rows_fwd(operand, there, back, in_rows, out_rows, axis, emulate):
+    return _ragged_rows(operand, there, back, in_rows, out_rows, axis, emulate), (there, back)
+
+
+def _ragged_rows_bwd(in_rows, out_rows, axis, emulate, residuals, cotangent):
+    there, back = residuals
+    operand_ct = _ragged_rows(cotangent, back, there, out_rows, in_rows, axis, emulate)
+    return operand_ct, None, None
+
+
+_ragged_rows.defvjp(_ragged_rows_fwd, _ragged_rows_bwd)
+
+
+def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis, emulate):
+    """``jax.lax.ragged_all_to_all`` (one chunk per peer), or on CPU an emulation with the same semantics."""
+    if not emulate:
+        return jax.lax.ragged_all_to_all(
+            operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis
+        )
+    # A chunk never exceeds either buffer, so padding every chunk to min(N, M) rows loses nothing.
+    bucket = min(operand.shape[0], output.shape[0])
+    i = jnp.arange(bucket, dtype=jnp.int32)[None, :]
+    src = jnp.where(i < send_sizes[:, None], input_offsets[:, None] + i, operand.shape[0])  # [peer, bucket]
+    chunks = jnp.take(operand, src, axis=0, mode="fill", fill_value=0)
+    received = jax.lax.all_to_all(chunks, axis, 0, 0, tiled=True)  # [source, bucket, ...]
+    at = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)  # where each source's chunk lands here
+    dst = jnp.where(i < recv_sizes[:, None], at[:, None] + i, output.shape[0]).reshape(-1)
+    return output.at[dst].set(received.reshape(dst.shape[0], *operand.shape[1:]), mode="drop")
+
+
+def _grouped_ffn(recv_x, recv_e, w_gate_edf, w_up_edf, w_down_efd, gmm):
+    """SwiGLU experts on received rows (local expert id per row; ``E_l`` marks empty rows), in buffer order."""
+    local_experts = jax.tree.leaves(w_gate_edf)[0].shape[0]
+    r_order = jnp.argsort(recv_e, stable=True)  # the empty-row sentinel sorts last; bincount leaves it out
     group_sizes = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
-    valid = (jnp.arange(shards * cap) < group_sizes.sum())[:, None]
+    valid = (jnp.arange(recv_e.shape[0]) < group_sizes.sum())[:, None]
     x_sorted = recv_x[r_order]
     gate = jnp.where(valid, gmm(x_sorted, w_gate_edf, group_sizes), 0)
     up = jnp.where(valid, gmm(x_sorted, w_up_edf, group_sizes), 0)
     y_sorted = gmm(swiglu(gate, up), w_down_efd, group_sizes)
-    y_recv = jnp.zeros_like(y_sorted).at[r_order].set(y_sorted)
+    return jnp.zeros_like(y_sorted).at[r_order].set(y_sorted)
 
-    back = jax.lax.all_to_all(y_recv.reshape(shards, cap, d), axis, 0, 0).reshape(shards * cap, d)
-    y_slots = back[cell].reshape(m, k, d)
-    return jnp.einsum("mkd,mk->md", y_slots.astype(accum_dtype), weights_mk.astype(accum_dtype)).astype(x_md.dtype)
+
+def dropped_slots(
+    experts_mk, *, num_experts: int, expert_shards: int, token_shards: int, capacity_factor: float | None, exchange: str
+):
+    """How many (token, expert) slots :func:`moe_expert_parallel` drops for this routing: an int32 scalar.
+
+    ``experts_mk`` holds the global ``[m, k]`` expert ids, the tokens split into ``token_shards`` contiguous
+    blocks as ``shard_map`` sees them over ``token_axes``, with the expert axis (``expert_shards``) the last of
+    ``token_axes`` (the default ``("data", "expert")``): blocks ``g * P .. g * P + P - 1`` exchange with each other.
+    ``exchange`` as passed to the layer (``"auto"`` resolves like the layer; dropless gives 0 either way). Only
+    counts matter (``ragged``: overflow of each receiver's ``R`` rows; ``all_to_all``: of each (source,
+    destination) bucket), so this is a cheap reduction that works on sharded arrays inside ``jit``; divide by
+    ``m * k`` for the drop rate. Without expert parallelism (``expert_shards == 1``) the layer is dropless: 0.
+    """
+    _check_options(capacity_factor, exchange)
+    m, k = experts_mk.shape
+    if num_experts % expert_shards or token_shards % expert_shards or m % token_shards:
+        raise ValueError(
+            f"{num_experts} experts over {expert_shards} shards, {m} tokens over {token_shards} token shards: "
+            "experts must split over expert shards, token shards over expert shards and tokens over token shards"
+        )
+    if capacity_factor is None or expert_shards == 1:
+        return jnp.zeros((), jnp.int32)
+    exchange = "ragged" if exchange == "auto" else exchange
+    rows = capacity_rows(capacity_factor, m // token_shards * k, expert_shards, exchange)
+    dest = jnp.asarray(experts_mk).astype(jnp.int32) // (num_experts // expert_shards)
+    dest = dest.reshape(token_shards // expert_shards, expert_shards, -1)  # [group, source, local slots]
+    counts = (dest[..., None] == np.arange(expert_shards).reshape(1, 1, 1, -1)).sum(2, dtype=jnp.int32)  # [g, s, r]
+    if exchange == "ragged":
+        counts = counts.sum(1)  # a receiver's buffer is shared by all sources
+    return jnp.maximum(counts - rows, 0).sum(dtype=jnp.int32)

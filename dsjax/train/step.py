@@ -17,7 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsjax.config import ModelConfig
 from dsjax.data.pipeline import future_targets
+from dsjax.layers.moe import resolve_dispatch
 from dsjax.model import Transformer, abstract_model
+from dsjax.ops.ep import dropped_slots
 from dsjax.ops.routing import Routing
 from dsjax.sharding import Rules, state_shardings
 from dsjax.train import losses
@@ -117,6 +119,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
             segment_ids=seg,
             return_mtp=depth > 0,
             dispatch=cfg.dispatch,
+            attention=cfg.attention,
             remat=cfg.remat,
             layers=cfg.layers,
         )
@@ -136,7 +139,12 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
                 balance = losses.sequence_balance_loss(routing, valid, e, k)
             load = losses.expert_load(routing, valid, e)
         loss = ce + cfg.mtp_lambda * mtp + cfg.balance_alpha * balance
-        return loss, dict(ce=ce, mtp=mtp, balance=balance, load=load, tokens=count)
+        aux = dict(ce=ce, mtp=mtp, balance=balance, load=load, tokens=count)
+        if routing is not None:
+            dropped = _dropped_fraction(routing, model_cfg, cfg, seg.size)
+            if dropped is not None:
+                aux["moe_dropped"] = dropped
+        return loss, aux
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest, batch)
@@ -172,9 +180,32 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
         )
         if aux["load"] is not None:
             metrics["load"] = aux["load"]
+        if "moe_dropped" in aux:
+            metrics["moe_dropped"] = aux["moe_dropped"]
         return new_state, metrics
 
     return step
+
+
+def _dropped_fraction(routing: Routing, model_cfg: ModelConfig, cfg: TrainConfig, tokens: int):
+    """Share of (token, expert) slots the expert-parallel layers dropped for capacity (None when dropless)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if model_cfg.moe_capacity_factor is None or mesh.empty or mesh.shape.get("expert", 1) == 1:
+        return None
+    if resolve_dispatch(cfg.dispatch, tokens, model_cfg) != "ep":
+        return None
+    token_shards = mesh.shape["expert"] * mesh.shape.get("data", 1)
+    count = jax.vmap(
+        lambda experts_mk: dropped_slots(
+            experts_mk,
+            num_experts=model_cfg.n_routed_experts,
+            expert_shards=mesh.shape["expert"],
+            token_shards=token_shards,
+            capacity_factor=model_cfg.moe_capacity_factor,
+            exchange=model_cfg.moe_exchange,
+        )
+    )(routing.experts_mk)
+    return count.sum() / routing.experts_mk.size
 
 
 def _update_biases(rest: nnx.State, load_le: jax.Array, model_cfg: ModelConfig, gamma: float) -> nnx.State:
