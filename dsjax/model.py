@@ -13,7 +13,7 @@ from flax import nnx
 from dsjax.config import ModelConfig
 from dsjax.layers.block import DecoderLayer, MTPLayer, embed_lookup
 from dsjax.layers.common import config_norm, param, scan_stack, stacked
-from dsjax.ops.attention import attention_mask
+from dsjax.ops.attention import AttentionMask
 from dsjax.ops.rope import inverse_frequencies, rope_angles
 from dsjax.ops.routing import Routing
 from dsjax.sharding import DEFAULT_RULES, Rules, shard, state_shardings
@@ -71,7 +71,8 @@ class Transformer(nnx.Module):
         """Logits for ``tokens`` (and MTP logits if ``return_mtp``). Validates the input first.
 
         With concrete inputs the call runs a cached jit-compiled forward; inside a user's ``jax.jit`` it traces
-        :meth:`forward` directly. ``options``: ``attention`` (naive|absorbed), ``dispatch``
+        :meth:`forward` directly. ``options``: ``attention`` (auto|naive|absorbed|xla|splash, see
+        :data:`~dsjax.layers.mla.ATTENTION_IMPLS`), ``dispatch``
         (auto|ragged|blocked|dense|ep), ``remat`` (none|full|dots|offload), ``layers`` (auto|scan|unroll: how the
         layer stacks are looped, see :func:`~dsjax.layers.common.scan_stack`).
         """
@@ -97,7 +98,7 @@ class Transformer(nnx.Module):
         segment_ids=None,
         input_embeddings=None,
         return_mtp: bool = False,
-        attention: str = "naive",
+        attention: str = "auto",
         dispatch: str = "auto",
         remat: str = "none",
         layers: str = "auto",
@@ -111,7 +112,7 @@ class Transformer(nnx.Module):
         b, t = tokens_bt.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = attention_mask(positions, positions, segment_ids, segment_ids)
+        mask = AttentionMask(positions, positions, segment_ids, segment_ids)
         cos, sin = self.rope(positions)
         kw = dict(attention=attention, dispatch=dispatch)
         loop = dict(remat=remat, layers=layers)

@@ -51,7 +51,9 @@ def build(args) -> tuple:
     if args.step == "train":
         program = steps.train_program(cfg, tc, mesh, rules, batch=batch, seq=args.seq)
     elif args.step == "prefill":
-        program = steps.prefill_program(cfg, mesh, rules, batch=batch, seq=args.seq, dispatch=tc.dispatch)
+        program = steps.prefill_program(
+            cfg, mesh, rules, batch=batch, seq=args.seq, dispatch=tc.dispatch, attention=tc.attention
+        )
     else:
         program = steps.decode_program(
             cfg, mesh, rules, batch=batch, context=args.seq, dispatch=tc.dispatch, dtype=jnp.bfloat16

@@ -76,7 +76,15 @@ def _abstract_cache(cfg: ModelConfig, mesh: Mesh, rules: Rules, batch: int, slot
 
 
 def prefill_program(
-    cfg: ModelConfig, mesh: Mesh, rules: Rules, *, batch: int, seq: int, dispatch: str = "auto", dtype=jnp.bfloat16
+    cfg: ModelConfig,
+    mesh: Mesh,
+    rules: Rules,
+    *,
+    batch: int,
+    seq: int,
+    dispatch: str = "auto",
+    attention: str = "auto",
+    dtype=jnp.bfloat16,
 ) -> Program:
     """A fresh prompt of ``seq`` tokens per row into a latent cache of ``seq`` slots; returns the last logits."""
     graphdef, state = _inference_state(cfg, mesh, rules, dtype)
@@ -86,7 +94,7 @@ def prefill_program(
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens_bt.shape)
         cache = init_cache(cfg.num_hidden_layers, batch, seq, cfg, dtype)
         logits, _, cache = forward_cached(
-            model, tokens_bt, positions, cache, fresh=True, attention="naive", dispatch=dispatch
+            model, tokens_bt, positions, cache, fresh=True, attention=attention, dispatch=dispatch
         )
         return logits[:, -1], cache
 

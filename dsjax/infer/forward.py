@@ -13,7 +13,7 @@ from flax import nnx
 
 from dsjax.infer.cache import KVCache
 from dsjax.layers.block import embed_lookup
-from dsjax.ops.attention import attention_mask
+from dsjax.ops.attention import AttentionMask, attention_mask
 from dsjax.sharding import shard
 
 
@@ -30,7 +30,8 @@ class _Runner:
         self.positions = positions_bt
         self.fresh = fresh
         self.window = window
-        self.mask = attention_mask(positions_bt, positions_bt) if fresh else _kv_mask(positions_bt, window)
+        # Within a fresh chunk the mask stays positions (any attention form, incl. memory-efficient kernels).
+        self.mask = AttentionMask(positions_bt, positions_bt) if fresh else _kv_mask(positions_bt, window)
         self.kw = dict(attention=attention, dispatch=dispatch)
 
     def cache_hook(self, cache: KVCache, index, c_kv, k_pe):

@@ -1,14 +1,29 @@
 """Multi-head Latent Attention parameters (V2 §2.1, V3 eqs 1-11)."""
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
 from dsjax.layers.common import config_norm, float_weight, project, projection, weight_and_scale
-from dsjax.ops.attention import mla_absorbed, mla_naive
+from dsjax.ops import flash_attention
+from dsjax.ops.attention import AttentionMask, mla_absorbed, mla_naive
 from dsjax.ops.rope import apply_rope
+from dsjax.sharding import active_platform
 
-ATTENTION_IMPLS = ("naive", "absorbed")
+# naive: per-head keys/values, dense [b, h, t, s] scores (fastest on CPU at short lengths); absorbed: attention in
+# the latent space (decoding); xla: flash attention in plain XLA (O(t) memory, any backend); splash: JAX's
+# Pallas splash kernel (TPU); auto: naive on CPU, splash on TPU (self-attention), else xla.
+ATTENTION_IMPLS = ("auto", "naive", "absorbed", "xla", "splash")
+
+
+def resolve_attention(impl: str, q_len: int, kv_len: int) -> str:
+    """The attention form ``impl`` stands for under the active mesh's platform (see ``ATTENTION_IMPLS``)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={impl!r}; choose one of {ATTENTION_IMPLS}")
+    if impl == "auto":
+        return "naive" if active_platform() == "cpu" else flash_attention.resolve_impl("auto", q_len, kv_len)
+    return impl
 
 
 class MLA(nnx.Module):
@@ -60,19 +75,43 @@ class MLA(nnx.Module):
         kv_a = self._project(x_btd, "wkv_a")
         return self.kv_norm(kv_a[..., : self.kv_rank]), apply_rope(kv_a[..., self.kv_rank :], cos, sin)
 
-    def attend(self, q_nope, q_pe, c_kv, k_pe, mask_bts, impl: str = "naive") -> jax.Array:
-        """Attention of the queries over (possibly cached) latents, through the output projection."""
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention={impl!r}; choose one of {ATTENTION_IMPLS}")
-        # In FP8 training the naive form's key/value up-projection is a Linear like the others (DeepSeek-V3);
+    def attend(self, q_nope, q_pe, c_kv, k_pe, mask, impl: str = "naive") -> jax.Array:
+        """Attention of the queries over (possibly cached) latents, through the output projection.
+
+        ``mask``: an :class:`~dsjax.ops.attention.AttentionMask` (positions and segments; every form) or a
+        dense ``[b, t, s]`` boolean mask (``naive`` and ``absorbed`` only)."""
+        impl = resolve_attention(impl, q_nope.shape[1], c_kv.shape[1])
+        # In FP8 training the expanded forms' key/value up-projection is a Linear like the others (DeepSeek-V3);
         # the absorbed form folds wkv_b into the attention core, which stays in the compute dtype.
-        expand = (lambda c: self._project(c, "wkv_b")) if self.fp8 is not None and impl == "naive" else None
+        expand = (lambda c: self._project(c, "wkv_b")) if self.fp8 is not None and impl != "absorbed" else None
         wkv_b = None if expand else float_weight(*weight_and_scale(self, "wkv_b"), q_nope.dtype, n_in=1)
-        args = (q_nope, q_pe, c_kv, k_pe, wkv_b, mask_bts, self.scale)
-        if impl == "naive":
-            out = mla_naive(*args, nope_dim=self.nope_dim, expand=expand)
-        else:
-            out = mla_absorbed(*args, nope_dim=self.nope_dim)
+        if impl in ("naive", "absorbed"):
+            dense = mask.dense() if isinstance(mask, AttentionMask) else mask
+            args = (q_nope, q_pe, c_kv, k_pe, wkv_b, dense, self.scale)
+            if impl == "naive":
+                out = mla_naive(*args, nope_dim=self.nope_dim, expand=expand)
+            else:
+                out = mla_absorbed(*args, nope_dim=self.nope_dim)
+            return self._project(out, "wo", n_in=2)
+        if not isinstance(mask, AttentionMask):
+            raise ValueError(f"attention={impl!r} needs an AttentionMask (positions and segments), not a dense mask")
+        # Per-head keys [b, s, h, n + r] (the shared rope key broadcast over heads) and values [b, s, h, v].
+        kv = jnp.einsum("bsc,chx->bshx", c_kv, wkv_b) if expand is None else expand(c_kv)
+        b, s_len, h = kv.shape[:3]
+        k = jnp.concatenate(
+            [kv[..., : self.nope_dim], jnp.broadcast_to(k_pe[:, :, None], (b, s_len, h, k_pe.shape[-1]))], axis=-1
+        )
+        out = flash_attention.attention(
+            jnp.concatenate([q_nope, q_pe], axis=-1),
+            k,
+            kv[..., self.nope_dim :],
+            q_positions_bt=mask.q_positions,
+            kv_positions_bs=mask.kv_positions,
+            q_segments_bt=mask.q_segments,
+            kv_segments_bs=mask.kv_segments,
+            scale=self.scale,
+            impl=impl,
+        )
         return self._project(out, "wo", n_in=2)
 
     def __call__(self, x_btd, cos, sin, mask_bts, impl: str = "naive", kv_fn=None):

@@ -5,6 +5,8 @@ Both take the compressed KV latent ``c_kv [b, s, c]`` (already RMS-normalised) a
 Scores are ``(q_nope . k_nope + q_pe . k_pe) * scale``; softmax runs in fp32.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -25,6 +27,19 @@ def attention_mask(
     if q_segments is not None:
         mask &= q_segments[:, :, None] == kv_segments[:, None, :]
     return mask
+
+
+class AttentionMask(NamedTuple):
+    """Which keys each query may see, kept as positions and segment ids (``[b, t]`` / ``[b, s]``) rather than a
+    dense ``[b, t, s]`` mask: memory-efficient kernels build it tile by tile; :meth:`dense` builds it whole."""
+
+    q_positions: jax.Array
+    kv_positions: jax.Array
+    q_segments: jax.Array | None = None
+    kv_segments: jax.Array | None = None
+
+    def dense(self) -> jax.Array:
+        return attention_mask(self.q_positions, self.kv_positions, self.q_segments, self.kv_segments)
 
 
 def _softmax(scores_bhts: jax.Array, mask_bts: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ import yaml
 
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.layers.common import LAYER_LOOPS, REMAT_POLICIES
+from dsjax.layers.mla import ATTENTION_IMPLS
 from dsjax.layers.moe import DISPATCH_IMPLS
 from dsjax.yaml_config import model_config_from_dict, model_config_to_dict
 
@@ -55,6 +56,8 @@ class TrainConfig:
     remat: str = "none"
     layers: str = "auto"  # how the layer stacks are looped: scan, unroll, or auto (unroll up to 8 layers)
     dispatch: str = "auto"
+    # auto: the dense form on CPU; splash attention (Pallas) on TPU; flash attention in XLA on GPU.
+    attention: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -85,6 +88,7 @@ class TrainConfig:
         _check(self.remat in REMAT_POLICIES, "train.remat", f"one of {REMAT_POLICIES}")
         _check(self.layers in LAYER_LOOPS, "train.layers", f"one of {LAYER_LOOPS}")
         _check(self.dispatch in DISPATCH_IMPLS, "train.dispatch", f"one of {DISPATCH_IMPLS}")
+        _check(self.attention in ATTENTION_IMPLS, "train.attention", f"one of {ATTENTION_IMPLS}")
         _check(self.max_nonfinite_run > 0, "train.max_nonfinite_run", "must be positive")
         _check(self.max_runtime_s >= 0, "train.max_runtime_s", "must be >= 0 (0 = no limit)")
         _check(self.max_doc_tokens >= 0, "train.max_doc_tokens", "must be >= 0 (0 = no limit)")
