@@ -117,10 +117,20 @@ def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
             taps_total *= taps
         out_spatial = math.prod(out_shape[out_labels.index(c)] for c in spatial)
         return 2.0 * out_elems / max(out_spatial, 1) * kernel[kernel_labels.index("i")] * taps_total
+    if op == "ragged-dot":
+        # XLA's own ragged dot (GPU keeps it where a grouped-GEMM kernel handles it; otherwise it is expanded to
+        # a dense dot over all groups before this point): every lhs row meets one group's weights.
+        m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
+        if not ins or m is None:
+            return 0.0
+        return 2.0 * out_elems * math.prod(ins[0][1][int(d)] for d in m.group(1).split(",") if d)
     if op == "custom-call":
         target = re.search(r'custom_call_target="([^"]+)"', attrs)
         target = target.group(1) if target else ""
-        if "gemm" in target and "backend_config" in attrs and ins:  # cuBLAS / cuBLASLt
+        # cuBLAS / cuBLASLt: "__cublas$gemm", "__cublas$lt$matmul", "__cublas$lt$matmul$f8"; the output is a
+        # (result, workspace) tuple, the first shape the result, and the contraction in the backend config's
+        # dot_dimension_numbers.
+        if ("gemm" in target or target.startswith("__cublas$lt$matmul")) and "backend_config" in attrs and ins:
             m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', attrs)
             dims = [int(d.strip('" ')) for d in m.group(1).split(",") if d.strip('" ')] if m else []
             return 2.0 * out_elems * math.prod(ins[0][1][d] for d in dims)

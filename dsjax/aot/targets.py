@@ -110,33 +110,39 @@ def _chip_key(chip: ChipSpec) -> str:
     return next(k for k, c in CHIPS.items() if c is chip)
 
 
-def gpu_target(kind: str = "h200", count: int = 8) -> Target:
-    """Compile-only devices of one host with ``count`` GPUs of ``kind`` (``h100`` or ``h200``).
+def gpu_target(kind: str = "h200", count: int = 8, *, per_host: int = 8) -> Target:
+    """Compile-only devices of ``count`` GPUs of ``kind`` (``h100`` or ``h200``) in hosts of ``per_host``.
 
-    Needs the CUDA plugin (the ``gpu`` extra: ``pip install -e ".[gpu]"``) but no GPU; run with
-    ``JAX_PLATFORMS=cpu`` so JAX does not look for a driver."""
+    The CUDA plugin describes a GPU cluster as ``slices x hosts per slice x devices per host``, a slice being
+    the devices joined by NVLink; an HGX H100/H200 host is one 8-GPU NVLink domain, so ``count`` GPUs are
+    ``count / per_host`` slices of one host each (a host with fewer GPUs: one slice). Needs the CUDA plugin (the
+    ``gpu`` extra: ``pip install -e ".[gpu]"``) but no GPU; run with ``JAX_PLATFORMS=cpu`` so JAX does not look
+    for a driver."""
     if kind not in ("h100", "h200"):
         raise ValueError(f"unknown GPU kind {kind!r}; choose h100 or h200")
-    shapes = {1: "1x1x1", 2: "1x1x2", 4: "1x1x4", 8: "1x2x4"}
-    if count not in shapes:
-        raise ValueError(f"GPU count {count} not supported; choose one of {sorted(shapes)}")
+    if count < 1 or (count > per_host and count % per_host):
+        raise ValueError(f"GPU count {count} not supported: use up to {per_host} or a multiple of {per_host}")
+    shape = f"1x1x{count}" if count <= per_host else f"{count // per_host}x1x{per_host}"
     chip = CHIPS[kind]
     try:
         from jax.experimental import topologies
 
-        desc = topologies.get_topology_desc(
-            platform="cuda", topology_name=shapes[count], target_config=_gpu_target_config(chip)
-        )
+        # The shape goes in ``topology``; ``topology_name`` alone gives "Cannot create topology without an
+        # explicit topology shape or without a client".
+        desc = topologies.get_topology_desc(platform="cuda", topology=shape, target_config=_gpu_target_config(chip))
     except Exception as e:
         raise RuntimeError(
             f"cannot describe {count} x {chip.name} ({type(e).__name__}: {e}); compiling for GPU needs the CUDA "
             'plugin: pip install -e ".[gpu]"'
         ) from e
+    if len(desc.devices) != count:
+        raise RuntimeError(f"topology {shape} gave {len(desc.devices)} devices, expected {count}")
     return Target(f"{count}x{kind}", tuple(desc.devices), chip)
 
 
 def target(name: str) -> Target:
-    """``"v5p:8x8x8"`` / ``"v5p-1024"`` -> a TPU slice; ``"8xh200"`` / ``"h100"`` -> a GPU host."""
+    """``"v5p:8x8x8"`` / ``"v5p-1024"`` -> a TPU slice; ``"8xh200"`` / ``"h100"`` -> a GPU host (8 GPUs);
+    ``"128xh200"`` -> 128 GPUs in 16 hosts of 8."""
     m = re.fullmatch(r"(?:(\d+)x)?(h100|h200)", name)
     if m:
         return gpu_target(m.group(2), int(m.group(1) or 8))

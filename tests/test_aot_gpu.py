@@ -1,0 +1,88 @@
+"""Ahead-of-time compiles for NVIDIA GPUs on this CPU host: the target description and the harness's flop count.
+
+Needs the CUDA plugin (the ``gpu`` extra, ``jax[cuda12]``) but no GPU; skipped where the plugin is missing (CI).
+Run with ``JAX_PLATFORMS=cpu`` so JAX does not look for a driver. XLA's GPU client gives no ``cost_analysis``, so
+the flop count is checked against the exact count of the program.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install -e '.[gpu]'")
+
+from dsjax.aot import analyse_hlo, gpu_target, target
+from dsjax.aot.targets import CHIPS
+
+
+def _abstract(mesh, shape, spec, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*spec)))
+
+
+@pytest.fixture(scope="module")
+def h200():
+    try:
+        return gpu_target("h200", 8)
+    except RuntimeError as e:  # plugin present but unusable here
+        pytest.skip(str(e))
+
+
+def test_gpu_targets_describe_hosts_of_eight(h200):
+    assert h200.num_chips == 8 and h200.chip is CHIPS["h200"]
+    assert {d.device_kind for d in h200.devices} == {"NVIDIA H200 SXM"}
+    h100 = gpu_target("h100", 8)
+    assert {d.device_kind for d in h100.devices} == {"NVIDIA H100 SXM"}
+    assert gpu_target("h200", 1).num_chips == 1
+    # Several hosts: 16 x 8 GPUs, one process per host.
+    cluster = target("128xh200")
+    assert cluster.num_chips == 128 and cluster.name == "128xh200"
+    assert len({d.process_index for d in cluster.devices}) == 16
+    with pytest.raises(ValueError):
+        gpu_target("h200", 12)  # more than a host and not whole hosts
+    with pytest.raises(ValueError):
+        gpu_target("a100", 8)
+
+
+def test_matmul_flops_from_gpu_hlo(h200):
+    n = 8192
+    one = Mesh(np.array(h200.devices[:1]).reshape(1, 1), ("data", "expert"))
+    a = _abstract(one, (n, n), (None, None))
+    compiled = jax.jit(lambda a, b: a @ b).lower(a, a).compile()
+    assert analyse_hlo(compiled.as_text()).matmul_flops == pytest.approx(2 * n**3, rel=0.05)
+
+    # Sharded over the host's 8 GPUs: per-device shapes, a quarter of the columns and half of the rows each.
+    mesh = Mesh(np.array(h200.devices).reshape(2, 4), ("data", "expert"))
+    a = _abstract(mesh, (n, n), ("data", None))
+    b = _abstract(mesh, (n, n), (None, "expert"))
+    compiled = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+    assert analyse_hlo(compiled.as_text()).matmul_flops == pytest.approx(2 * n**3 / 8, rel=0.05)
+
+
+def test_scanned_matmuls_count_their_trips_on_gpu(h200):
+    mesh = Mesh(np.array(h200.devices).reshape(2, 4), ("data", "expert"))
+
+    def stack(w, x):
+        return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0].astype(jnp.float32).sum()
+
+    w = _abstract(mesh, (6, 512, 512), (None, "data", None))
+    x = _abstract(mesh, (256, 512), ("expert", None))
+    counts = analyse_hlo(jax.jit(jax.grad(stack)).lower(w, x).compile().as_text())
+    assert counts.unknown_trip_counts == 0
+    assert counts.matmul_flops == pytest.approx(3 * 2 * 256 * 512 * 512 * 6 / 8, rel=0.05)
+    assert counts.collectives
+
+
+def test_batched_matmul_with_grad_on_gpu(h200):
+    mesh = Mesh(np.array(h200.devices).reshape(2, 4), ("data", "expert"))
+    n, b, d, f = 8, 1024, 2048, 4096
+
+    def loss(x, w):  # the squared output keeps the forward matmul (a plain sum's gradient would not need it)
+        return jnp.square(jnp.einsum("nbd,ndf->nbf", x, w).astype(jnp.float32)).sum()
+
+    x = _abstract(mesh, (n, b, d), (("data", "expert"), None, None))
+    w = _abstract(mesh, (n, d, f), (("data", "expert"), None, None))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
+    assert analyse_hlo(compiled.as_text()).matmul_flops == pytest.approx(3 * 2 * n * b * d * f / 8, rel=0.05)
