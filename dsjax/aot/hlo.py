@@ -124,6 +124,10 @@ def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
         if not ins or m is None:
             return 0.0
         return 2.0 * out_elems * math.prod(ins[0][1][int(d)] for d in m.group(1).split(",") if d)
+    if op == "custom-call" and '"cost_estimate"' in attrs:
+        # Pallas / Mosaic kernels (splash attention, megablox grouped matmuls) state their own flops.
+        m = re.search(r'"cost_estimate":\{[^}]*"flops":"?(\d+)', attrs)
+        return float(m.group(1)) if m else 0.0
     if op == "custom-call":
         target = re.search(r'custom_call_target="([^"]+)"', attrs)
         target = target.group(1) if target else ""
@@ -222,7 +226,9 @@ def analyse_hlo(text: str) -> HloCounts:
             if kind in COLLECTIVES and not op.endswith("-done"):
                 entry_ = counts.collectives[kind]
                 entry_["count"] += int(w)
-                entry_["bytes"] += int(w * _nbytes(ins))
+                # ragged-all-to-all's operands are (input, output buffer, offsets, sizes): count what is sent.
+                sent = ins[:1] if kind == "ragged-all-to-all" else ins
+                entry_["bytes"] += int(w * _nbytes(sent))
     return counts
 
 

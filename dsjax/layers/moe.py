@@ -8,7 +8,7 @@ from dsjax.config import ModelConfig, Numerics
 from dsjax.layers.common import MLP, RoutingBias, float_weight, param, projection, weight_and_scale
 from dsjax.ops.ep import moe_expert_parallel
 from dsjax.ops.fp8 import blocked_matmul, grouped_matmul
-from dsjax.ops.moe import moe_blocked, moe_dense, moe_ragged
+from dsjax.ops.moe import megablox_gmm, moe_blocked, moe_dense, moe_ragged
 from dsjax.ops.routing import Routing, route
 from dsjax.sharding import active_platform, shard
 
@@ -108,6 +108,8 @@ class MoE(nnx.Module):
         if dispatch == "ep":
             kwargs["capacity_factor"] = self.cfg.moe_capacity_factor
             kwargs["exchange"] = self.cfg.moe_exchange
+            if self.cfg.fp8 is None and active_platform() == "tpu":
+                kwargs["gmm"], kwargs["check_vma"] = megablox_gmm, False
         y_md = combine(x_md, routing.weights_mk, routing.experts_mk, *weights, accum_dtype=accum, **kwargs)
         y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "act_embed"))
         if self.cfg.n_shared_experts:

@@ -125,6 +125,7 @@ def moe_expert_parallel(
     capacity_factor: float | None = None,
     exchange: str = "auto",
     platform: str | None = None,
+    check_vma: bool = True,
 ):
     """Routed-expert output ``[m, d]``, like :func:`dsjax.ops.moe.moe_ragged` but expert-parallel.
 
@@ -139,7 +140,9 @@ def moe_expert_parallel(
     load and drops the overflow in the documented priority order (module docstring). ``exchange``: ``"auto"``,
     ``"all_to_all"`` or ``"ragged"`` (module docstring). ``platform`` (``"cpu"``, ``"tpu"``, ``"gpu"``) decides
     between the real ``ragged_all_to_all`` and its CPU emulation and what ``"auto"`` means; ``None`` takes it
-    from the active mesh's devices (:func:`dsjax.sharding.active_platform`).
+    from the active mesh's devices (:func:`dsjax.sharding.active_platform`). ``check_vma=False`` is for ``gmm``
+    kernels (Pallas) whose outputs carry no replication type; gradients of the weights, replicated over the
+    non-expert token axes, are then summed by ``shard_map``'s conservative transpose (tested on CPU).
     """
     _check_options(capacity_factor, exchange)
     mesh = jax.sharding.get_abstract_mesh()
@@ -185,7 +188,7 @@ def moe_expert_parallel(
             emulate=platform == "cpu",
         )
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok)(
+    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok, check_vma=check_vma)(
         x_md, weights_mk, experts_mk.astype(jnp.int32), w_gate_edf, w_up_edf, w_down_efd
     )
 

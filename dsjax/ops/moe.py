@@ -13,6 +13,34 @@ def swiglu(gate, up):
     return jax.nn.silu(gate) * up
 
 
+def megablox_gmm(x, w, group_sizes, *, interpret: bool = False):
+    """``jax.lax.ragged_dot`` through JAX's Pallas grouped-matmul kernels for TPU (megablox ``gmm``, whose
+    weight gradient is the grouped ``tgmm``): XLA's own TPU lowering of ``ragged_dot``'s weight gradient is a
+    masked dense product over every local expert (E_l times the useful flops). Rows are padded to the kernel's
+    tile; rows past ``sum(group_sizes)`` give zeros, as ``ragged_dot``. ``interpret`` runs it on any backend
+    (slowly), for tests."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+    m, k = x.shape
+    n = w.shape[-1]
+    tile_m = 512 if m >= 512 else 128
+    pad = -m % tile_m
+
+    def tile(dim: int) -> int:  # the largest of 512 / 256 / 128 that divides the dim, else the whole dim
+        return next((t for t in (512, 256, 128) if dim % t == 0), dim)
+
+    xp = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+    y = megablox.gmm(
+        xp,
+        w.astype(x.dtype),
+        group_sizes.astype(jnp.int32),
+        preferred_element_type=x.dtype,
+        tiling=(tile_m, tile(k), tile(n)),
+        interpret=interpret,
+    )[:m]
+    return jnp.where((jnp.arange(m) < group_sizes.sum())[:, None], y, 0)
+
+
 def moe_ragged(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32, gmm=None):
     """Routed-expert output ``[m, d]`` via ``jax.lax.ragged_dot`` over expert-sorted token slots.
 
