@@ -31,6 +31,7 @@ class ModelOutput(NamedTuple):
     hidden: jax.Array  # [b, t, d], after the final norm
     routing: Routing | None  # [L_moe, b*t, ...]
     mtp_routing: Routing | None  # [D, b*t, ...]
+    mtp_hidden: jax.Array | None = None  # [D, b, t, d], the MTP modules' output-head inputs (after head_norm)
 
 
 class Transformer(nnx.Module):
@@ -102,8 +103,12 @@ class Transformer(nnx.Module):
         dispatch: str = "auto",
         remat: str = "none",
         layers: str = "auto",
+        compute_logits: bool = True,
     ) -> ModelOutput:
         """The pure forward pass (no input checks); see :class:`ModelOutput`.
+
+        ``compute_logits=False`` skips the output head: ``logits`` and ``mtp_logits`` are None and the head's
+        inputs come back as ``hidden`` / ``mtp_hidden`` (for a loss computed chunk by chunk).
 
         ``input_embeddings [b, t, d]`` replaces the embedding lookup of ``tokens_bt`` for the main stack (e.g.
         image features spliced in by a vision adapter); the MTP modules still embed the shifted tokens.
@@ -129,7 +134,7 @@ class Transformer(nnx.Module):
         if self.moe_layers is not None:
             x, routing = scan_stack(self.moe_layers, x, lambda layer, x: run(layer, x), **loop)
         hidden = self.final_norm(x)
-        logits = self.logits(hidden)
+        logits = self.logits(hidden) if compute_logits else None
 
         mtp_logits = mtp_routing = None
         if return_mtp:
@@ -140,10 +145,15 @@ class Transformer(nnx.Module):
 
             def mtp_step(module, h_prev, emb):
                 h, normed, r = module(h_prev, emb, cos, sin, mask, **kw)
-                return h, (self.logits(normed), r)
+                return h, (self.logits(normed) if compute_logits else normed, r)
 
             # The first module reads the main model's final-norm output (the released weights' convention).
-            _, (mtp_logits, mtp_routing) = scan_stack(self.mtp, hidden, mtp_step, xs=emb_next, layers=layers)
+            _, (mtp_out, mtp_routing) = scan_stack(self.mtp, hidden, mtp_step, xs=emb_next, layers=layers)
+            if compute_logits:
+                mtp_logits = mtp_out
+            else:
+                mtp_hidden = mtp_out
+                return ModelOutput(None, None, hidden, routing, mtp_routing, mtp_hidden)
         return ModelOutput(logits, mtp_logits, hidden, routing, mtp_routing)
 
     def rope(self, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:

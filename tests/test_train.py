@@ -220,3 +220,20 @@ def test_capacity_dropping_is_reported_by_the_step():
     )
     assert 0 < float(metrics["moe_dropped"]) == pytest.approx(count / experts.size)
     assert bool(metrics["finite"])
+
+
+def test_chunked_output_head_loss_equals_whole_logits():
+    """train.loss_chunk: the output head and cross-entropy a chunk of tokens at a time (incl. a ragged last
+    chunk), main and MTP losses: same loss, metrics and update as with the whole logits."""
+    run = load_run_config("configs/train_tiny.yaml", SMALL)
+    batch = _batches(run, 1)[0]
+    results = []
+    for chunk in (0, 24):
+        tc = dataclasses.replace(run.train, loss_chunk=chunk)
+        graphdef, state, tx = _setup(run)
+        new_state, metrics = jit_train_step(make_train_step(graphdef, run.model, tc, tx))(state, batch)
+        results.append((jax.device_get(metrics), jax.device_get(new_state.params)))
+    (whole, whole_params), (chunked, chunked_params) = results
+    for key in ("loss", "ce", "mtp", "grad_norm"):
+        assert float(chunked[key]) == pytest.approx(float(whole[key]), rel=1e-5), key
+    chex.assert_trees_all_close(chunked_params, whole_params, atol=1e-6, rtol=1e-5)

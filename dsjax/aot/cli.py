@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=4096, help="sequence length (decode: cached context)")
     parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=V|train.FIELD=V")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--dump-hlo", metavar="PATH", help="write the compiled (optimised) HLO text here")
     args = parser.parse_args(argv)
     try:
         program, tgt, mesh = build(args)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     name = f"{args.model} {args.step} batch {program.tokens // (args.seq if args.step != 'decode' else 1)}"
     name += f" x {args.seq}" if args.step != "decode" else f" context {args.seq}"
-    report = compile_report(program, tgt, mesh, name=name)
+    report = compile_report(program, tgt, mesh, name=name, hlo_path=args.dump_hlo)
     print(format_report(report), flush=True)
     if args.json:
         print(json.dumps(report, default=float), flush=True)

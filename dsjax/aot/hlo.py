@@ -124,6 +124,8 @@ def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
         if not ins or m is None:
             return 0.0
         return 2.0 * out_elems * math.prod(ins[0][1][int(d)] for d in m.group(1).split(",") if d)
+    if op == "custom-call" and "splash_mha_" in attrs and '"cost_estimate"' not in attrs:
+        return _splash_flops(attrs, ins)
     if op == "custom-call" and '"cost_estimate"' in attrs:
         # Pallas / Mosaic kernels (splash attention, megablox grouped matmuls) state their own flops.
         m = re.search(r'"cost_estimate":\{[^}]*"flops":"?(\d+)', attrs)
@@ -142,6 +144,26 @@ def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
             # The TPU kernel's operands end with x [m, k] and the grouped weights; every row is computed.
             x = [s for s in ins if len(s[1]) == 2 and s[1][0] == out[0][1][0]]
             return 2.0 * out_elems * x[-1][1][1] if x else 0.0
+    return 0.0
+
+
+def _splash_flops(attrs: str, ins) -> float:
+    """JAX's splash attention kernels state no cost: count their matmuls from the q / k / v operands
+    ``[b, h, t, d]``, assuming the causal masks dsjax gives them (``t (t + 1) / 2`` query-key pairs). The forward
+    kernel forms scores and the weighted values; the dq kernel recomputes the scores and forms dP and dQ; the dkv
+    kernel recomputes the scores and forms dP, dV and dK."""
+    four_d = [shape for _, shape in ins if len(shape) == 4]
+    if len(four_d) < 3:
+        return 0.0
+    (b, h, t, d_qk), v = four_d[0], four_d[2]
+    pairs = b * h * t * (t + 1) / 2
+    d_v = v[-1]
+    if "splash_mha_fwd" in attrs:
+        return 2.0 * pairs * (d_qk + d_v)
+    if "splash_mha_dq" in attrs:
+        return 2.0 * pairs * (2 * d_qk + d_v)
+    if "splash_mha_dkv" in attrs:
+        return 2.0 * pairs * (2 * d_qk + 2 * d_v)
     return 0.0
 
 
@@ -216,9 +238,9 @@ def analyse_hlo(text: str) -> HloCounts:
             instr = _INSTR.match(line)
             if instr is None:
                 continue
-            _, out_text, op, rest = instr.groups()
+            name_, out_text, op, rest = instr.groups()
             operands = _operands(rest)
-            attrs = rest[len(operands) :]
+            attrs = name_ + " " + rest[len(operands) :]  # kernels are known by their instruction's name
             ins = [s for ref in re.findall(r"%([\w.\-]+)", operands) for s in _shapes(shape_of.get(ref, ""))]
             ins = ins or _shapes(operands)  # unoptimised HLO prints operand shapes inline
             counts.matmul_flops += w * _matmul_flops(op, out_text, ins, attrs)

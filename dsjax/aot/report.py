@@ -17,7 +17,9 @@ from dsjax.aot.steps import Program
 from dsjax.aot.targets import GIB, Target
 
 
-def compile_report(program: Program, target: Target, mesh: jax.sharding.Mesh, *, name: str = "") -> dict:
+def compile_report(
+    program: Program, target: Target, mesh: jax.sharding.Mesh, *, name: str = "", hlo_path: str | None = None
+) -> dict:
     """Lower and compile ``program`` on ``mesh`` (built from ``target.devices``) and report per-chip figures.
 
     Keys: ``fits``, ``hbm_per_chip_gib`` (arguments + outputs - aliased + temporaries), ``chip_hbm_gib``,
@@ -26,6 +28,7 @@ def compile_report(program: Program, target: Target, mesh: jax.sharding.Mesh, *,
     reported, loop bodies once; None on GPU), ``bytes_accessed``, ``collectives`` (kind -> count, bytes),
     ``est_step_s``, ``est_mfu``, ``est_tokens_per_s_per_chip``, ``compile_s``. A program that does not fit
     (or fails to compile) gives ``fits: False`` with the compiler's message and the largest buffers it lists.
+    ``hlo_path``: also write the optimised HLO text there.
     """
     chips = mesh.size
     report = dict(
@@ -71,7 +74,11 @@ def compile_report(program: Program, target: Target, mesh: jax.sharding.Mesh, *,
     report["hbm_per_chip_gib"] = round(total / GIB, 2)
     report["fits"] = bool(total <= target.chip.hbm_bytes)
 
-    hlo = analyse_hlo(compiled.as_text())
+    text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(text)
+    hlo = analyse_hlo(text)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     report["xla_cost_flops"] = float(cost["flops"]) if cost and "flops" in cost else None

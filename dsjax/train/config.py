@@ -58,6 +58,9 @@ class TrainConfig:
     dispatch: str = "auto"
     # auto: the dense form on CPU; splash attention (Pallas) on TPU; flash attention in XLA on GPU.
     attention: str = "auto"
+    # > 0: the output head and cross-entropy run this many sequence positions at a time (all rows at once), so
+    # the logits are never materialised whole.
+    loss_chunk: int = 0
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -89,6 +92,7 @@ class TrainConfig:
         _check(self.layers in LAYER_LOOPS, "train.layers", f"one of {LAYER_LOOPS}")
         _check(self.dispatch in DISPATCH_IMPLS, "train.dispatch", f"one of {DISPATCH_IMPLS}")
         _check(self.attention in ATTENTION_IMPLS, "train.attention", f"one of {ATTENTION_IMPLS}")
+        _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0, "train.loss_chunk", "an int >= 0")
         _check(self.max_nonfinite_run > 0, "train.max_nonfinite_run", "must be positive")
         _check(self.max_runtime_s >= 0, "train.max_runtime_s", "must be >= 0 (0 = no limit)")
         _check(self.max_doc_tokens >= 0, "train.max_doc_tokens", "must be >= 0 (0 = no limit)")

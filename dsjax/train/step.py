@@ -122,12 +122,26 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
             attention=cfg.attention,
             remat=cfg.remat,
             layers=cfg.layers,
+            compute_logits=not cfg.loss_chunk,
         )
-        ce_sum, count = losses.cross_entropy(out.logits, *future_targets(batch, 0))
+        if cfg.loss_chunk:
+            head = model.lm_head[...]
+
+            def xent(hidden, k):
+                return losses.chunked_cross_entropy(hidden, head, *future_targets(batch, k), chunk=cfg.loss_chunk)
+
+            heads = [out.hidden] + ([out.mtp_hidden[k] for k in range(depth)] if depth else [])
+        else:
+
+            def xent(logits, k):
+                return losses.cross_entropy(logits, *future_targets(batch, k))
+
+            heads = [out.logits] + ([out.mtp_logits[k] for k in range(depth)] if depth else [])
+        ce_sum, count = xent(heads[0], 0)
         ce = ce_sum / jnp.maximum(count, 1)
         mtp = jnp.zeros(())
         for k in range(1, depth + 1):  # depth k predicts the token k + 1 places ahead
-            s, n = losses.cross_entropy(out.mtp_logits[k - 1], *future_targets(batch, k))
+            s, n = xent(heads[k], k)
             mtp += s / jnp.maximum(n, 1) / depth
         valid = seg != 0
         routing = _concat_routing(out.routing, out.mtp_routing)
@@ -205,7 +219,8 @@ def _dropped_fraction(routing: Routing, model_cfg: ModelConfig, cfg: TrainConfig
             exchange=model_cfg.moe_exchange,
         )
     )(routing.experts_mk)
-    return count.sum() / routing.experts_mk.size
+    # float: a V3 step routes ~8e9 slots over its layers, past int32
+    return count.astype(jnp.float32).sum() / float(routing.experts_mk.size)
 
 
 def _update_biases(rest: nnx.State, load_le: jax.Array, model_cfg: ModelConfig, gamma: float) -> nnx.State:
