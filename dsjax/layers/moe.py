@@ -108,7 +108,9 @@ class MoE(nnx.Module):
         if dispatch == "ep":
             kwargs["capacity_factor"] = self.cfg.moe_capacity_factor
             kwargs["exchange"] = self.cfg.moe_exchange
-            if self.cfg.fp8 is None and active_platform() == "tpu":
+            # Mosaic tiles are multiples of 128 in the last two dims (real models: 7168 x 2048, 2048 x 1408).
+            widths = (self.cfg.hidden_size, self.cfg.moe_intermediate_size)
+            if self.cfg.fp8 is None and active_platform() == "tpu" and all(w % 128 == 0 for w in widths):
                 kwargs["gmm"], kwargs["check_vma"] = megablox_gmm, False
         y_md = combine(x_md, routing.weights_mk, routing.experts_mk, *weights, accum_dtype=accum, **kwargs)
         y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "act_embed"))
