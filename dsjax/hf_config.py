@@ -191,17 +191,21 @@ def config_to_hf(cfg: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict[str
     return out
 
 
-def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
-    """Read ``config.json`` from a checkpoint directory (or a file path)."""
+def read_config_json(path: str | os.PathLike) -> dict:
+    """The dict in ``config.json`` of a checkpoint directory (or at a file path); clear errors if absent or bad."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
         with open(file) as f:
-            d = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"no config.json at {file}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from None
-    return config_from_hf(d, **overrides)
+
+
+def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+    """Read ``config.json`` from a checkpoint directory (or a file path)."""
+    return config_from_hf(read_config_json(path), **overrides)
 
 
 def save_config(cfg: ModelConfig, path: str | os.PathLike, **kwargs) -> None:

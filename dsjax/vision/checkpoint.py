@@ -27,7 +27,7 @@ from dsjax.checkpoint.safetensors_io import (
     write_sharded,
 )
 from dsjax.config import ConfigError
-from dsjax.hf_config import config_from_hf, config_to_hf
+from dsjax.hf_config import config_from_hf, config_to_hf, read_config_json
 from dsjax.vision.config import ProjectorConfig, TilingConfig, VisionConfig
 from dsjax.vision.hf_map import TOWER_LAYOUTS, load_projector, load_tower
 from dsjax.vision.model import VisionLanguageModel, VLConfig
@@ -148,15 +148,7 @@ def vl_config_to_json(cfg: VLConfig, *, torch_dtype: str = "bfloat16") -> dict:
 
 def load_vl_config(path, **kwargs) -> VLConfig:
     """Read a VL2 ``config.json`` from a checkpoint directory (see :func:`vl_config_from_json`)."""
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"no config.json at {file}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from None
-    return vl_config_from_json(d, **kwargs)
+    return vl_config_from_json(read_config_json(path), **kwargs)
 
 
 # ---- tensors --------------------------------------------------------------------------------------------------

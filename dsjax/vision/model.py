@@ -21,7 +21,7 @@ from flax import nnx
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.layers.block import embed_lookup
 from dsjax.layers.common import param
-from dsjax.model import ModelOutput, Transformer, check_tokens
+from dsjax.model import ModelOutput, Transformer, check_tokens, redraw_weights
 from dsjax.train.losses import cross_entropy
 from dsjax.vision.config import ProjectorConfig, ProjectorType, TilingConfig, VisionConfig
 from dsjax.vision.ops import gather_image_tokens
@@ -268,16 +268,6 @@ def create_vl_model(cfg: VLConfig, *, seed: int = 0, dtype=jnp.float32, param_dt
 
     @jax.jit
     def init():
-        state = nnx.split(build())[1]
-        drawn = [v for _, v in nnx.to_flat_state(state) if "init_std" in v.get_metadata()]
-        noise = jax.random.normal(jax.random.key(seed), (sum(v.get_value().size for v in drawn),), jnp.float32)
-        offset = 0
-        for v in drawn:
-            old = v.get_value()
-            v.set_value(
-                (noise[offset : offset + old.size].reshape(old.shape) * v.get_metadata()["init_std"]).astype(old.dtype)
-            )
-            offset += old.size
-        return state
+        return redraw_weights(nnx.split(build())[1], seed)
 
     return nnx.merge(graphdef, init())
