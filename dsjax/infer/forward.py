@@ -22,6 +22,20 @@ def _kv_mask(positions_bt: jax.Array, num_slots: int) -> jax.Array:
     return attention_mask(positions_bt, slots)
 
 
+def head_logits(model, hidden_btd: jax.Array) -> jax.Array:
+    """The output head with float32 results: ``hidden @ lm_head`` in the model's dtype, accumulated and returned in
+    float32 (no rounding of the logits to bf16).
+
+    The sampler (:func:`forward_cached`) and the RL trainer (:func:`dsjax.rl.step.token_logprobs`) both use it: a
+    bf16 logit of magnitude 8 is only known to 1/32, and the two computations reach slightly different hidden
+    states, so logits rounded to bf16 can land on different grid points: on the code job's bf16 model that made
+    the mean per-token log-prob gap 1.45e-3 instead of 4.1e-4. In float32 models this is exactly ``model.logits``.
+    """
+    w = model.lm_head[...].astype(hidden_btd.dtype)
+    logits = jnp.einsum("btd,dv->btv", hidden_btd, w, preferred_element_type=jnp.float32)
+    return shard(logits, ("batch", "seq", "act_vocab"))
+
+
 class _Runner:
     """The per-layer call with its cache hook (fresh: attend within the chunk; else attend over the cache)."""
 
@@ -76,16 +90,20 @@ def forward_cached(
     window: int | None = None,
     attention: str = "absorbed",
     dispatch: str = "auto",
+    input_embeddings: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Main model over a chunk: ``(logits [b, t, V], hidden [b, t, d] after the final norm, updated cache)``.
 
     ``cache`` covers all ``num_hidden_layers`` layers (dense first, then MoE). ``window`` (static, default all
     slots) limits attention to the first slots, so a step's cost follows the sequence length rather than the
-    cache size; every position must be below it.
+    cache size; every position must be below it. ``input_embeddings [b, t, d]`` replaces the embedding lookup
+    of ``tokens_bt`` (a vision-language prefill: image embeddings spliced over the placeholders).
     """
     window = cache.num_slots if window is None else window
     runner = _Runner(model, positions_bt, window, fresh=fresh, attention=attention, dispatch=dispatch)
-    x = shard(embed_lookup(model.embed[...], tokens_bt, model.dtype), ("batch", "seq", "act_embed"))
+    if input_embeddings is None:
+        input_embeddings = embed_lookup(model.embed[...], tokens_bt, model.dtype)
+    x = shard(input_embeddings.astype(model.dtype), ("batch", "seq", "act_embed"))
     num_dense = 0
     if model.dense_layers is not None:
         x, cache = _scan_cached(model.dense_layers, x, cache, 0, runner)
@@ -93,7 +111,7 @@ def forward_cached(
     if model.moe_layers is not None:
         x, cache = _scan_cached(model.moe_layers, x, cache, num_dense, runner)
     hidden = model.final_norm(x)
-    return model.logits(hidden), hidden, cache
+    return head_logits(model, hidden), hidden, cache
 
 
 def first_mtp_layer(model):

@@ -1,6 +1,18 @@
-"""Reinforcement learning with GRPO and rule-based rewards (DeepSeekMath, DeepSeek-R1)."""
+"""Reinforcement learning with GRPO and its variants (DAPO, Dr. GRPO, GSPO) and rule-based rewards (DeepSeekMath,
+DeepSeek-R1)."""
 
-from dsjax.rl.grpo import GRPOConfig, aggregate, group_advantages, grpo_loss, k3_kl, per_token_objective
+from dsjax.rl.grpo import (
+    GRPOConfig,
+    aggregate,
+    group_advantages,
+    grpo_loss,
+    importance_ratio,
+    k3_kl,
+    overlong_penalty,
+    per_token_objective,
+    sequence_mean,
+    tis_weights,
+)
 from dsjax.rl.rewards import (
     Reward,
     accuracy_reward,
@@ -26,9 +38,13 @@ __all__ = [
     "format_reward",
     "group_advantages",
     "grpo_loss",
+    "importance_ratio",
     "k3_kl",
     "load_jsonl",
+    "overlong_penalty",
     "per_token_objective",
     "score",
+    "sequence_mean",
     "tag_count_reward",
+    "tis_weights",
 ]

@@ -7,13 +7,16 @@ Log-probs of the old and reference policies are computed by the same jitted pass
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from dsjax.rl.grpo import GRPOConfig, grpo_loss
+from dsjax.infer.forward import head_logits
+from dsjax.rl.grpo import GRPOConfig, grpo_loss, tis_weights
 from dsjax.train.step import TrainState
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "seq")
@@ -69,37 +72,68 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], *, pack:
     return out
 
 
-def token_logprobs(model, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """fp32 ``log pi(target)`` per token and the policy's entropy per token, ``[rows, T]`` each."""
-    out = model.forward(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    logp_all = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+def token_logprobs(model, batch: dict, *, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """fp32 ``log pi(target)`` per token and the policy's entropy per token, ``[rows, T]`` each.
+
+    The logits come from the same float32-output head as the rollout engine's (:func:`~dsjax.infer.forward.
+    head_logits`), so a bf16 model's trainer and sampler log-probs differ only by their hidden states.
+    ``temperature`` divides the logits as the sampler does (``softmax(logits / T)``); at the default 1 the
+    log-probs are the model's own.
+    """
+    out = model.forward(
+        batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], compute_logits=False
+    )
+    logits = head_logits(model, out.hidden)
+    logp_all = jax.nn.log_softmax(logits if temperature == 1.0 else logits / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     return logp, entropy
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef):
-    """Jitted ``(params, rest, batch) -> logp [rows, T]`` (old and reference log-probs, no gradient)."""
+def make_logprob_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0):
+    """Jitted ``(params, rest, batch) -> logp [rows, T]`` (old and reference log-probs, no gradient); the
+    ``temperature`` must be the update's (:func:`make_grpo_step`)."""
 
     @jax.jit
     def fn(params, rest, batch):
-        return token_logprobs(nnx.merge(graphdef, params, rest), batch)[0]
+        return token_logprobs(nnx.merge(graphdef, params, rest), batch, temperature=temperature)[0]
 
     return fn
 
 
-def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTransformation, num_seqs: int):
+def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTransformation, num_seqs: int, *,
+                   temperature: float = 1.0):  # fmt: skip
     """The jitted, state-donating update. ``batch`` adds to :func:`build_batch`'s arrays ``advantages``
     (``[num_seqs]``), ``old_logp`` (``[rows, T]``; omitted when ``mu == 1``) and ``ref_logp`` (when
-    ``beta > 0``). A non-finite loss or gradient leaves the state unchanged (counted, as in pretraining)."""
+    ``beta > 0``). A non-finite loss or gradient leaves the state unchanged (counted, as in pretraining).
+
+    With ``sampler_logp`` in the batch (the rollout engine's log-probs, :func:`build_batch`), the metrics add
+    ``sampler_logp_gap`` (mean ``|trainer - sampler|`` per token) and the spread of the importance ratio
+    ``pi_old / pi_sampler`` (``tis_ratio_*``, per token unless ``cfg.tis == "sequence"``); with ``cfg.tis`` set,
+    the ratio also weights the policy gradient (truncated importance sampling, :func:`~dsjax.rl.grpo.tis_weights`),
+    and ``sampler_logp`` is required.
+
+    ``temperature``: the policy's log-probs are those of ``softmax(logits / temperature)``. The rollouts are
+    drawn at ``cfg.temperature``; passing it here (and to :func:`make_logprob_fn` for ``old_logp`` /
+    ``ref_logp``) makes the trained policy the sampling one and the sampler-vs-trainer ratio 1 up to numerics.
+    The default 1 keeps the untempered model's log-probs (the same thing at the usual ``cfg.temperature = 1``)."""
+    # Without correction the ratio's spread is still worth logging: it says whether cfg.tis is needed.
+    spread_cfg = cfg if cfg.tis is not None else dataclasses.replace(cfg, tis="token")
 
     def loss_fn(params, rest, batch):
-        logp, entropy = token_logprobs(nnx.merge(graphdef, params, rest), batch)
+        logp, entropy = token_logprobs(nnx.merge(graphdef, params, rest), batch, temperature=temperature)
         # With one iteration per rollout the old policy is the current one: its log-probs are this pass's,
         # without the gradient (no separate forward needed). The same holds for the reference when beta = 0.
         old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
         ref = batch.get("ref_logp")
-        loss, metrics = grpo_loss(logp, old, ref, batch["seq"], batch["advantages"], cfg, num_seqs)
+        sampler = batch.get("sampler_logp")
+        if cfg.tis is not None and sampler is None:
+            raise ValueError(f"GRPOConfig.tis={cfg.tis!r}: the batch needs 'sampler_logp' (build_batch's "
+                             "completion_logprobs, the rollout engine's log-probs)")  # fmt: skip
+        loss, metrics = grpo_loss(logp, old, ref, batch["seq"], batch["advantages"], cfg, num_seqs,
+                                  sampler_logp_bt=sampler)  # fmt: skip
+        if sampler is not None and cfg.tis is None:
+            metrics.update(tis_weights(old, sampler, batch["seq"], num_seqs, spread_cfg)[1])
         mask = batch["seq"] >= 0
         n = jnp.maximum(mask.sum(), 1)
         metrics["entropy"] = jnp.where(mask, entropy, 0.0).sum() / n
