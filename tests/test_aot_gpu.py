@@ -1,4 +1,5 @@
-"""Ahead-of-time compiles for NVIDIA GPUs on this CPU host: the target description and the harness's flop count.
+"""Ahead-of-time compiles for NVIDIA GPUs on this CPU host: the target description, the harness's flop count and
+the Mosaic-GPU grouped GEMMs of the expert FFN.
 
 Needs the CUDA plugin (the ``gpu`` extra, ``jax[cuda12]``) but no GPU; skipped where the plugin is missing (CI).
 Run with ``JAX_PLATFORMS=cpu`` so JAX does not look for a driver. XLA's GPU client gives no ``cost_analysis``, so
@@ -14,8 +15,11 @@ from jax.sharding import PartitionSpec as P
 
 pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install -e '.[gpu]'")
 
-from dsjax.aot import analyse_hlo, gpu_target, target
+from dsjax.aot import analyse_hlo, gpu_target, target, train_program
 from dsjax.aot.targets import CHIPS
+from dsjax.config import ModelConfig
+from dsjax.sharding import FSDP_RULES, make_mesh
+from dsjax.train.config import TrainConfig
 
 
 def _abstract(mesh, shape, spec, dtype=jnp.bfloat16):
@@ -86,3 +90,41 @@ def test_batched_matmul_with_grad_on_gpu(h200):
     w = _abstract(mesh, (n, d, f), (("data", "expert"), None, None))
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
     assert analyse_hlo(compiled.as_text()).matmul_flops == pytest.approx(3 * 2 * n * b * d * f / 8, rel=0.05)
+
+
+def _expert_ffn_hlo(h200):
+    """Optimised HLO of a one-MoE-layer bf16 train step on the host's 8 GPUs as data 2 x expert 4 (2 local
+    experts of 128 x 128 per GPU)."""
+    cfg = ModelConfig.tiny(
+        hidden_size=128, moe_intermediate_size=128, num_hidden_layers=2, num_nextn_predict_layers=0
+    )  # layer 0 dense, layer 1 MoE
+    mesh = make_mesh(2, 4, h200.devices)
+    program = train_program(cfg, TrainConfig(compute_dtype="bfloat16"), mesh, FSDP_RULES, batch=8, seq=128)
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+        return program.fn.lower(*program.args).compile().as_text()
+
+
+def _ragged_dot_matmuls(text):
+    """Matmuls (XLA dots, Triton GEMM fusions, cuBLAS calls) that XLA made of ``ragged_dot``: dense over the local
+    expert stack (every row against every expert, masked)."""
+    matmul = (" dot(", "gemm_fusion", "__cublas")
+    return [
+        line.strip()[:160]
+        for line in text.splitlines()
+        if "ragged_dot" in line and "mosaic_gpu" not in line and any(m in line for m in matmul)
+    ]
+
+
+@pytest.mark.slow
+def test_expert_ffn_runs_mosaic_gpu_grouped_gemms(h200, monkeypatch):
+    """On a GPU mesh the expert-parallel FFN takes JAX's Mosaic-GPU grouped GEMMs (``dsjax.ops.gpu_gmm``): the
+    program compiles without a GPU and holds 3 kernels for the forward and 6 for the backward (input gradients
+    with transposed weights, grouped weight gradients), and none of the dense matmuls XLA makes of ``ragged_dot``
+    (which the same program has with the kernels switched off)."""
+    text = _expert_ffn_hlo(h200)
+    assert text.count('custom_call_target="mosaic_gpu_v2"') == 9
+    assert _ragged_dot_matmuls(text) == []
+
+    monkeypatch.setattr("dsjax.layers.moe.gpu_gmm_supported", lambda *args: False)
+    text = _expert_ffn_hlo(h200)
+    assert "mosaic_gpu_v2" not in text and len(_ragged_dot_matmuls(text)) >= 9

@@ -124,6 +124,8 @@ def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
         if not ins or m is None:
             return 0.0
         return 2.0 * out_elems * math.prod(ins[0][1][int(d)] for d in m.group(1).split(",") if d)
+    if op == "custom-call" and 'custom_call_target="mosaic_gpu_v2"' in attrs:
+        return _mosaic_gpu_flops(out[0][1], [s for _, s in ins])
     if op == "custom-call" and "splash_mha_" in attrs and '"cost_estimate"' not in attrs:
         return _splash_flops(attrs, ins)
     if op == "custom-call" and '"cost_estimate"' in attrs:
@@ -144,6 +146,18 @@ def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
             # The TPU kernel's operands end with x [m, k] and the grouped weights; every row is computed.
             x = [s for s in ins if len(s[1]) == 2 and s[1][0] == out[0][1][0]]
             return 2.0 * out_elems * x[-1][1][1] if x else 0.0
+    return 0.0
+
+
+def _mosaic_gpu_flops(out, ins) -> float:
+    """JAX's Mosaic-GPU grouped GEMMs (``dsjax.ops.gpu_gmm``), which state no cost: every row meets one group's
+    weights. ``ragged_dot``: (group_sizes, lhs [m, k], rhs [g, k, n] or [g, n, k]) -> [m, n], 2 m n k;
+    ``transposed_ragged_dot``: (group metadata, lhs [m, k], rhs [m, n]) -> [g, k, n], 2 m k n."""
+    mats = [s for s in ins if len(s) == 2]
+    if len(out) == 2 and mats and mats[0][0] == out[0]:
+        return 2.0 * out[0] * out[1] * mats[0][1]
+    if len(out) == 3 and len(mats) >= 2 and mats[-2][0] == mats[-1][0]:
+        return 2.0 * mats[-2][0] * out[1] * out[2]
     return 0.0
 
 

@@ -8,6 +8,7 @@ from dsjax.config import ModelConfig, Numerics
 from dsjax.layers.common import MLP, RoutingBias, float_weight, param, projection, weight_and_scale
 from dsjax.ops.ep import moe_expert_parallel
 from dsjax.ops.fp8 import blocked_matmul, grouped_matmul
+from dsjax.ops.gpu_gmm import gpu_gmm, gpu_gmm_supported
 from dsjax.ops.moe import megablox_gmm, moe_blocked, moe_dense, moe_ragged
 from dsjax.ops.routing import Routing, route
 from dsjax.sharding import active_platform, shard
@@ -112,6 +113,9 @@ class MoE(nnx.Module):
             widths = (self.cfg.hidden_size, self.cfg.moe_intermediate_size)
             if self.cfg.fp8 is None and active_platform() == "tpu" and all(w % 128 == 0 for w in widths):
                 kwargs["gmm"], kwargs["check_vma"] = megablox_gmm, False
+            # Hopper: JAX's Mosaic-GPU grouped GEMMs (XLA:GPU lowers ragged_dot to a dense matmul over all experts).
+            elif self.cfg.fp8 is None and active_platform() == "gpu" and gpu_gmm_supported(*widths, x_md.dtype):
+                kwargs["gmm"], kwargs["check_vma"] = gpu_gmm, False
         y_md = combine(x_md, routing.weights_mk, routing.experts_mk, *weights, accum_dtype=accum, **kwargs)
         y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "act_embed"))
         if self.cfg.n_shared_experts:
