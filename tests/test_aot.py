@@ -173,3 +173,22 @@ def test_cli_rejects_bad_arguments(capsys):
     assert aot_main(["--topology", "v5p:2x2x1", "--model", "tiny", "--mesh", "data=4,expert=x"]) == 1
     assert "expected e.g. data=8,expert=64" in capsys.readouterr().err
     assert GIB == 2**30
+
+
+@pytest.mark.slow
+def test_grpo_update_compiles_for_v5p(capsys):
+    """``--step grpo``: the RL update (chunked log-probs, reference and old log-prob inputs, AdamW, donated
+    state) compiles for a TPU slice on the data x expert mesh, through the CLI's ``--set grpo.*``."""
+    import json
+
+    args = ["--topology", "v5p:2x2x1", "--model", "tiny", "--step", "grpo", "--mesh", "data=2,expert=2",
+            "--batch", "8", "--seq", "64", "--set", "grpo.beta=0.04", "--set", "grpo.mu=2", "--set", "grpo.G=4",
+            "--set", "train.loss_chunk=16", "--json"]  # fmt: skip
+    with jax.default_matmul_precision("default"):  # see tiny_reports
+        assert aot_main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["fits"] is True and report["tokens_per_step"] == 8 * 64
+    assert report["memory"]["aliased"] > 0  # the train state is donated
+    assert 0.5 < report["flops_ratio"] < 10
+    assert {"all-to-all", "ragged-all-to-all"} & set(report["collectives"])
+    assert aot_main([*args[:-3], "--set", "grpo.loss_mode=median"]) == 1  # a bad grpo field is an error

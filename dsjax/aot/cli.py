@@ -34,9 +34,9 @@ def build(args) -> tuple:
     d = apply_overrides(
         {"model": {}, "train": {"compute_dtype": "bfloat16", "remat": "full", "moment_dtype": "bfloat16"}}, args.set
     )
-    unknown = set(d) - {"model", "train"}
+    unknown = set(d) - {"model", "train", "grpo"}
     if unknown:
-        raise ConfigError(f"--set: unknown sections {sorted(unknown)} (model, train)")
+        raise ConfigError(f"--set: unknown sections {sorted(unknown)} (model, train, grpo)")
     cfg = model_config_from_dict({"preset": args.model, "model": d["model"]})
     tc = _build(TrainConfig, "train", d["train"])
     tgt = make_target(args.topology)
@@ -54,6 +54,11 @@ def build(args) -> tuple:
         program = steps.prefill_program(
             cfg, mesh, rules, batch=batch, seq=args.seq, dispatch=tc.dispatch, attention=tc.attention
         )
+    elif args.step == "grpo":
+        from dsjax.rl.grpo import GRPOConfig
+
+        gc = _build(GRPOConfig, "grpo", d.get("grpo", {}))
+        program = steps.grpo_program(cfg, gc, tc, mesh, rules, batch=batch, seq=args.seq)
     else:
         program = steps.decode_program(
             cfg, mesh, rules, batch=batch, context=args.seq, dispatch=tc.dispatch, dtype=jnp.bfloat16
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="global batch rows")
     parser.add_argument("--per-chip-batch", type=int, help="batch rows per chip (instead of --batch)")
     parser.add_argument("--seq", type=int, default=4096, help="sequence length (decode: cached context)")
-    parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=V|train.FIELD=V")
+    parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=V|train.FIELD=V|grpo.FIELD=V")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--dump-hlo", metavar="PATH", help="write the compiled (optimised) HLO text here")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from dsjax.train.config import TrainConfig
 from dsjax.train.optim import make_optimizer
 from dsjax.train.step import abstract_train_state, jit_train_step, make_train_step
 
-STEPS = ("train", "prefill", "decode")
+STEPS = ("train", "prefill", "decode", "grpo")
 
 
 class Program(NamedTuple):
@@ -122,3 +122,42 @@ def decode_program(
     token = _abstract((batch, 1), jnp.int32, mesh, ("batch", None), rules)
     fn = jax.jit(decode, donate_argnums=1, out_shardings=(None, jax.tree.map(lambda x: x.sharding, cache)))
     return Program(fn, (state, cache, token, token), flops.decode_flops(cfg, batch, context), batch)
+
+
+def grpo_program(
+    cfg: ModelConfig, gc, tc: TrainConfig, mesh: Mesh, rules: Rules, *, batch: int, seq: int, seqs_per_row: int = 2
+) -> Program:
+    """The GRPO update of ``dsjax.rl`` (:func:`dsjax.rl.step.make_grpo_step`) on a packed rollout batch of
+    ``batch`` rows x ``seq`` tokens holding ``seqs_per_row`` completions each: policy forward and backward with
+    the pretraining step's dispatch, attention, remat and chunked output head (``tc.loss_chunk``), the AdamW
+    update of the train step's optimizer; old / reference log-prob inputs when ``gc.mu > 1`` / ``gc.beta > 0``,
+    and the sampler's log-probs (the trainer always passes them). ``gc`` is a :class:`dsjax.rl.GRPOConfig`."""
+    from dsjax.rl.step import make_grpo_step
+
+    graphdef, state, tx = abstract_train_state(
+        cfg, functools.partial(make_optimizer, tc), mesh, rules, dtype=jnp.dtype(tc.compute_dtype)
+    )
+    num_seqs = batch * seqs_per_row
+    rows = functools.partial(_abstract, (batch, seq), mesh=mesh, names=("batch", None), rules=rules)
+    abstract_batch = {k: rows(jnp.int32) for k in ("tokens", "targets", "positions", "segment_ids", "seq")}
+    abstract_batch["sampler_logp"] = rows(jnp.float32)
+    if gc.mu > 1:
+        abstract_batch["old_logp"] = rows(jnp.float32)
+    if gc.beta > 0:
+        abstract_batch["ref_logp"] = rows(jnp.float32)
+    abstract_batch["advantages"] = _abstract((num_seqs,), jnp.float32, mesh, (None,), rules)
+    options = dict(dispatch=tc.dispatch, attention=tc.attention, remat=tc.remat, layers=tc.layers)
+    fn = make_grpo_step(
+        graphdef,
+        gc,
+        tx,
+        num_seqs,
+        temperature=gc.temperature,
+        logprob_chunk=tc.loss_chunk,
+        forward_options=options,
+        state_shardings=jax.tree.map(lambda x: x.sharding, state),
+        batch_shardings=jax.tree.map(lambda x: x.sharding, abstract_batch),
+    )
+    # The policy's forward and backward (no MTP loss in RL); the old / reference passes run outside this step.
+    model_flops = flops.train_flops(cfg, batch, seq, mtp=False)
+    return Program(fn, (state, abstract_batch), model_flops, batch * seq)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from dsjax.infer.forward import head_logits
 from dsjax.rl.grpo import GRPOConfig, grpo_loss, tis_weights
+from dsjax.train.losses import chunked_token_logprobs
 from dsjax.train.step import TrainState
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "seq")
@@ -72,17 +73,29 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], *, pack:
     return out
 
 
-def token_logprobs(model, batch: dict, *, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk: int = 0,
+                   **forward_options) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """fp32 ``log pi(target)`` per token and the policy's entropy per token, ``[rows, T]`` each.
 
     The logits come from the same float32-output head as the rollout engine's (:func:`~dsjax.infer.forward.
     head_logits`), so a bf16 model's trainer and sampler log-probs differ only by their hidden states.
     ``temperature`` divides the logits as the sampler does (``softmax(logits / T)``); at the default 1 the
-    log-probs are the model's own.
+    log-probs are the model's own. ``chunk > 0`` computes the head ``chunk`` positions at a time, recomputed in
+    the backward (:func:`~dsjax.train.losses.chunked_token_logprobs`: the whole fp32 logits never exist, as
+    pretraining's ``train.loss_chunk``). ``forward_options`` go to ``model.forward`` (``dispatch``,
+    ``attention``, ``remat``, ``layers``).
     """
     out = model.forward(
-        batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], compute_logits=False
+        batch["tokens"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        compute_logits=False,
+        **forward_options,
     )
+    if chunk:
+        return chunked_token_logprobs(
+            out.hidden, model.lm_head[...], batch["targets"], chunk=chunk, temperature=temperature
+        )
     logits = head_logits(model, out.hidden)
     logp_all = jax.nn.log_softmax(logits if temperature == 1.0 else logits / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
@@ -90,19 +103,21 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0) -> tuple[jax
     return logp, entropy
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0):
+def make_logprob_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, chunk: int = 0, **forward_options):
     """Jitted ``(params, rest, batch) -> logp [rows, T]`` (old and reference log-probs, no gradient); the
-    ``temperature`` must be the update's (:func:`make_grpo_step`)."""
+    ``temperature``, ``chunk`` and forward options must be the update's (:func:`make_grpo_step`)."""
 
     @jax.jit
     def fn(params, rest, batch):
-        return token_logprobs(nnx.merge(graphdef, params, rest), batch, temperature=temperature)[0]
+        model = nnx.merge(graphdef, params, rest)
+        return token_logprobs(model, batch, temperature=temperature, chunk=chunk, **forward_options)[0]
 
     return fn
 
 
 def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTransformation, num_seqs: int, *,
-                   temperature: float = 1.0):  # fmt: skip
+                   temperature: float = 1.0, logprob_chunk: int = 0, forward_options: dict | None = None,
+                   state_shardings=None, batch_shardings=None):  # fmt: skip
     """The jitted, state-donating update. ``batch`` adds to :func:`build_batch`'s arrays ``advantages``
     (``[num_seqs]``), ``old_logp`` (``[rows, T]``; omitted when ``mu == 1``) and ``ref_logp`` (when
     ``beta > 0``). A non-finite loss or gradient leaves the state unchanged (counted, as in pretraining).
@@ -116,12 +131,19 @@ def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTr
     ``temperature``: the policy's log-probs are those of ``softmax(logits / temperature)``. The rollouts are
     drawn at ``cfg.temperature``; passing it here (and to :func:`make_logprob_fn` for ``old_logp`` /
     ``ref_logp``) makes the trained policy the sampling one and the sampler-vs-trainer ratio 1 up to numerics.
-    The default 1 keeps the untempered model's log-probs (the same thing at the usual ``cfg.temperature = 1``)."""
+    The default 1 keeps the untempered model's log-probs (the same thing at the usual ``cfg.temperature = 1``).
+
+    At scale: ``logprob_chunk`` and ``forward_options`` as in :func:`token_logprobs`; ``state_shardings`` (the
+    state's, e.g. ``jax.tree.map(lambda x: x.sharding, state)``) and ``batch_shardings`` (one sharding for every
+    batch array, rows split over the batch axes) pin the jitted step's layout, as the pretraining step's."""
     # Without correction the ratio's spread is still worth logging: it says whether cfg.tis is needed.
     spread_cfg = cfg if cfg.tis is not None else dataclasses.replace(cfg, tis="token")
 
     def loss_fn(params, rest, batch):
-        logp, entropy = token_logprobs(nnx.merge(graphdef, params, rest), batch, temperature=temperature)
+        model = nnx.merge(graphdef, params, rest)
+        logp, entropy = token_logprobs(
+            model, batch, temperature=temperature, chunk=logprob_chunk, **(forward_options or {})
+        )
         # With one iteration per rollout the old policy is the current one: its log-probs are this pass's,
         # without the gradient (no separate forward needed). The same holds for the reference when beta = 0.
         old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
@@ -157,4 +179,7 @@ def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTr
         )
         return new_state, dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
 
-    return jax.jit(step, donate_argnums=0)
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None))  # fmt: skip

@@ -50,6 +50,39 @@ def chunked_cross_entropy(
     return total, jnp.sum(mask_bt)
 
 
+def chunked_token_logprobs(
+    hidden_btd: jax.Array, head_dv: jax.Array, targets_bt: jax.Array, *, chunk: int, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token ``log p(target)`` and the predictive entropy (both fp32, ``[b, t]``) of
+    ``softmax(hidden @ head / temperature)``, ``chunk`` sequence positions at a time with each chunk's logits
+    recomputed in the backward pass: the RL step's log-probs without the whole fp32 ``[tokens, vocab]`` logits,
+    their log-softmax and its gradient (see :func:`chunked_cross_entropy`). ``chunk = 0`` computes them whole."""
+    b, t = hidden_btd.shape[:2]
+
+    def logprobs(h_bcd, t_bc):
+        logits = jnp.einsum("bcd,dv->bcv", h_bcd, head_dv.astype(h_bcd.dtype), preferred_element_type=jnp.float32)
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        logp = jnp.take_along_axis(logp_all, t_bc[..., None], axis=-1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+        return logp, jax.lax.stop_gradient(entropy)
+
+    if not chunk or chunk >= t:
+        return logprobs(hidden_btd, targets_bt)
+    steps = -(-t // chunk)
+    pad = steps * chunk - t
+
+    def split(x):  # [b, t, ...] -> [steps, b, chunk, ...]; the batch dim keeps its sharding
+        if pad:
+            x = jnp.concatenate([x, jnp.zeros((b, pad, *x.shape[2:]), x.dtype)], axis=1)
+        return jnp.moveaxis(x.reshape(b, steps, chunk, *x.shape[2:]), 1, 0)
+
+    logp, entropy = jax.lax.map(lambda xs: jax.checkpoint(logprobs)(*xs), (split(hidden_btd), split(targets_bt)))
+    join = lambda y: jnp.moveaxis(y, 0, 1).reshape(b, steps * chunk)[:, :t]
+    return join(logp), join(entropy)
+
+
 def sequence_balance_loss(routing: Routing, valid_bt: jax.Array, num_experts: int, top_k: int) -> jax.Array:
     """Complementary sequence-wise balance loss (V3 eqs 17-20), summed over the stacked layers.
 
