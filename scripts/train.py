@@ -2,6 +2,11 @@
 
   python scripts/train.py --config configs/train_tiny.yaml [--set train.steps=200 --set mesh.data=2] [--out DIR]
 
+Pipeline parallelism: a ``pipeline`` section (or ``--set pipeline.schedule=dualpipev --set pipeline.stages=4
+--set pipeline.micro_batches=8``) adds a ``stage`` mesh axis in front of ``data`` x ``expert``, e.g. on the
+8-device CPU mesh (``XLA_FLAGS=--xla_force_host_platform_device_count=8``):
+``--config configs/train_tiny_pipeline.yaml``; outputs, checkpoints and resume are the same.
+
 Resumes from the latest checkpoint in ``--out`` unless ``--resume none`` (``--no-resume``); ``--resume fallback``
 resumes from the newest checkpoint that is not damaged and then moves the damaged newer ones aside (a checkpoint
 saved with another model config is an error, and nothing is moved). Writes ``metrics.jsonl``,

@@ -1,7 +1,15 @@
 """Pipeline-parallel schedules (1F1B, ZB1P, DualPipe, DualPipeV) as data, a validator, a timeline simulator and an
-executor that runs a schedule on a ``stage`` mesh axis."""
+executor that runs a schedule on a ``stage`` mesh axis (toy stages, or the DeepSeek model: `dsjax.pipeline.model`)."""
 
-from dsjax.pipeline.executor import PipelineResult, make_pipeline_step, run_schedule, timesteps
+from dsjax.pipeline.executor import (
+    EngineResult,
+    PipelineResult,
+    make_engine,
+    make_pipeline_step,
+    run_schedule,
+    sum_stages,
+    timesteps,
+)
 from dsjax.pipeline.schedules import (
     GENERATORS,
     Kind,
@@ -22,6 +30,7 @@ from dsjax.pipeline.schedules import (
 
 __all__ = [
     "GENERATORS",
+    "EngineResult",
     "Kind",
     "Op",
     "Part",
@@ -33,10 +42,12 @@ __all__ = [
     "dualpipev",
     "execution_order",
     "fb",
+    "make_engine",
     "make_pipeline_step",
     "one_f_one_b",
     "op_dependencies",
     "run_schedule",
+    "sum_stages",
     "timesteps",
     "validate",
     "zb1p",

@@ -1,87 +1,407 @@
 """Execute a pipeline `Schedule` for real: one jitted SPMD program over a ``stage`` mesh axis.
 
-Design (see `run_schedule`):
+Design (see `make_engine`):
 
-- **Time steps.** The per-rank op lists are turned into a global sequence of time steps (`timesteps`): an
-  as-soon-as-possible replay with unit op times, in which an op runs at step t once its rank has run all its
-  earlier ops and every cross-rank dependency ran at a step < t. At each step every rank runs one op or
-  nothing. Since `validate` has proved the schedule deadlock-free, the replay always finishes.
-- **One program.** The steps are encoded as an int table ``[T, ranks, fields]`` (op code, the (local chunk,
-  micro-batch) slots the op reads and writes, and where to store what arrives). Inside `jax.shard_map` over
-  the ``stage`` axis each rank scans over its column of the table; a step is a `lax.switch` on the op code
-  (no-op, F, F of the last stage, B, W, BW, FB, FB with a last-stage forward), then one `lax.ppermute` per
-  (payload, hop) pair the schedule ever uses (activations to the next stage's rank, activation gradients to
-  the previous stage's rank; hops of +1 / -1 for the generated schedules, 0 = local for DualPipeV's turn),
-  then masked writes of what arrived into fixed-size buffers indexed by (local chunk, micro-batch). The
-  whole step is compiled once: program size does not grow with the number of micro-batches or steps.
-- **B/W split.** F stores only the stage *input* (the activation buffer). B (input gradient) runs `jax.vjp`
-  of the stage with respect to its input on the stored input and the received output gradient; the output
-  gradient stays in its buffer, so W has what it needs: W runs `jax.vjp` with respect to the parameters on
-  the same (input, output gradient) pair, whenever the schedule places it. BW and FB run one `jax.vjp` with
-  respect to both. The last stage's F also evaluates the loss and its gradient with respect to the stage
-  output (the reference's loss lives in the last stage), storing it as that stage's output gradient.
-- **FB** is one `lax.switch` branch holding a forward of one micro-batch and a full backward of another: one
-  traced computation with no data dependency between its halves, so XLA may interleave them (on GPU, overlap
-  one's communication with the other's compute; DualPipe's F&B).
-- **Parameters.** Stage parameters are stacked per rank as ``[ranks, chunks, ...]`` and sharded on the
-  ``stage`` axis: rank r holds the parameter sets of its `Schedule.chunks` (DualPipe: stages r and PP-1-r,
-  the same weights as its mirror rank; DualPipeV: stages r and 2R-1-r). Weight gradients accumulate per rank
-  and chunk; on return they are summed per model stage (DualPipe's mirror copies add up).
+- **Time steps.** The per-rank op lists become a global sequence of unit-time steps (`tables.timesteps`); at
+  each step every rank runs one op or nothing. Since `validate` has proved the schedule deadlock-free, the
+  replay always finishes.
+- **One program.** The steps are encoded as an int table ``[T, ranks, fields]`` (op code; for its F, B and W
+  parts the local chunk, micro-batch, stage kind and buffer slots; where to store what arrives). Inside
+  `jax.shard_map` over the ``stage`` axis (other mesh axes stay automatic: expert parallelism inside a stage
+  works as without the pipeline) each rank scans over its column of the table; a step is a `lax.switch` on the
+  op code (no-op, F, B, W, BW, FB), each part a `lax.switch` on the stage *kind* (the embedding stage, a middle
+  stage, the loss stage: stages of different shapes and code), then one `lax.ppermute` per (payload, hop) pair
+  the schedule ever uses (activations to the next stage's rank, activation gradients to the previous stage's
+  rank; hops of +1 / -1, 0 for DualPipeV's turn of the V), then masked writes of what arrived into fixed-size
+  buffers. The whole step is compiled once: program size does not grow with micro-batches or steps.
+- **Buffers** are sized by the schedule's live ranges (`tables.allocate_slots`), not ``chunks * microbatches``.
+- **Stage functions.** ``fn(params, consts, shared, shared_consts, x, inputs_m) -> (y, loss, aux)`` per kind:
+  ``params`` / ``consts`` are the stage's slice of pytrees stacked on a leading stage axis (differentiated /
+  not), ``shared`` / ``shared_consts`` pytrees every rank holds whole (e.g. the embedding, used by the first and
+  the last stage); ``x`` the activation from the previous stage (ignored by stage 0, which reads its micro-batch
+  from ``inputs_m``); ``y`` the activation for the next stage (None for the last); ``loss`` this stage's part of
+  the micro-batch's loss (a stage may contribute several: the MoE balance loss of its layers); ``aux`` a pytree
+  of the same structure for every kind (metrics such as expert loads), summed over micro-batches.
+- **B/W split.** F keeps only the stage input. B (input gradient) runs `jax.vjp` of the stage on the stored
+  input with cotangents (received output gradient, 1 for its loss) and returns only the input gradient (XLA drops
+  the weight-gradient half). With ``keep_residuals`` (the default) a B whose W comes later also stores the vjp
+  closure's residuals (the activations the weight gradients need, without the parameters), packed per dtype
+  into a residual buffer slot; its W rebuilds the closure from them and computes only the weight gradients: no
+  forward recompute, and the stage input is freed at B. Without it, W re-runs the vjp from the stored input.
+  BW and FB compute both gradients at once.
+- **FB** is one `lax.switch` branch with a forward of one micro-batch and a full backward of another: one traced
+  computation with no data dependency between its halves, so XLA may interleave them (DualPipe's F&B).
+- **Parameters.** The stacked stage parameters are gathered per rank as ``[ranks, chunks, ...]`` and sharded on
+  the ``stage`` axis: rank r holds the stages of its `Schedule.chunks` (DualPipe: stages r and PP-1-r, the same
+  weights as its mirror rank; DualPipeV: stages r and 2R-1-r). Weight gradients accumulate per rank and chunk;
+  on return they are summed per stage (DualPipe's mirror copies add up). Shared-parameter gradients are summed
+  over ranks.
 
-Why this form and not per-rank Python driving separate programs: JAX is single-controller; a per-rank op
-stream with point-to-point sends is expressed natively as one SPMD program where every device runs the
-same step and differs by data (its table column), and `ppermute` is the collective form of send/receive.
+Why one SPMD program and not per-rank Python driving separate programs: JAX is single-controller; a per-rank op
+stream with point-to-point sends is expressed natively as one program where every device runs the same step and
+differs by data (its table column), and `ppermute` is the collective form of send/receive.
 
 Overheads (correctness first): (1) every step runs one `ppermute` per used (payload, hop) channel on every
-rank, also when the rank has nothing to send (zeros are sent); (2) buffers hold every micro-batch of every
-local chunk (``chunks * microbatches`` stage inputs and as many output gradients per rank), not the
-schedule's peak of PP+1 live activations; a static slot allocator over the live ranges would fix it;
-(3) B and W recompute the stage forward from its stored input (activation checkpointing at stage
-granularity), and W recomputes the part of the backward chain its weight gradient needs: stage functions
-that keep intermediate activations / cotangents (the reference's ``LinearFunc``) would need a split-backward
-hook; (4) a step with no W part still adds a zero gradient to the accumulator; (5) the unit-time replay puts
-ops of different costs in the same step, so the step time is the slowest rank's op; the real schedule's
-timing is the simulator's concern; (6) the micro-batch inputs are scattered from the caller's array to their
-first-stage ranks and labels are replicated to every rank.
-
-Requirements: all stages have the same parameter structure and shapes, and map an activation to one of the
-same shape and dtype (the toy stages of the DualPipe check; the real model's embedding / head stages are
-remaining work).
+rank, also when the rank has nothing to send (zeros are sent); (2) B recomputes the stage forward from the
+stored input (activation checkpointing at stage granularity; a real system keeps F's residuals instead, at much
+more memory); (3) a step with no W part still adds a zero gradient; (4) the unit-time replay puts ops of
+different costs in one step, so the step time is the slowest rank's op (real timing is the simulator's concern);
+(5) micro-batch inputs are replicated to every rank; (6) shared parameters (embedding, dense layers, head, MTP)
+are held whole by every rank, and residual slots are as wide as the widest stage kind's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from dsjax.pipeline.schedules import Kind, Part, Schedule, op_dependencies, validate
+from dsjax.pipeline import tables as tb
+from dsjax.pipeline.schedules import Schedule
+from dsjax.pipeline.tables import Code, allocate_slots, encode, timesteps
 
 PyTree = Any
+StageFn = Callable[..., tuple[jax.Array | None, jax.Array, PyTree]]
+
+__all__ = [
+    "EngineResult",
+    "PipelineResult",
+    "make_engine",
+    "make_pipeline_step",
+    "run_schedule",
+    "sum_stages",
+    "timesteps",
+]
 
 
-class _Code(enum.IntEnum):
-    NOOP = 0
-    F = 1
-    F_LAST = 2
-    B = 3
-    W = 4
-    BW = 5
-    FB = 6
-    FB_LAST = 7
+class EngineResult(NamedTuple):
+    """What an engine from `make_engine` returns.
+
+    Attributes:
+        losses: ``[stages, microbatches]`` each stage's loss contribution per micro-batch.
+        aux: the stages' ``aux`` summed over stages and micro-batches.
+        stage_grads: gradients of the summed loss for the stacked stage parameters (leading stage axis).
+        shared_grads: gradients for the shared parameters.
+    """
+
+    losses: jax.Array
+    aux: PyTree
+    stage_grads: PyTree
+    shared_grads: PyTree
 
 
-# Fixed table fields per (step, rank); receive fields follow, 3 per channel (valid, chunk, micro-batch).
-_CODE, _CF, _MF, _CB, _MB, _CW, _MW = range(7)
-_FIXED = 7
+def sum_stages(losses_sm: jax.Array) -> jax.Array:
+    """``[stages, M] -> [M]``: per micro-batch loss, the stage contributions added in stage order (a fixed order,
+    so a sequential reference adding them the same way rounds identically)."""
+    total = losses_sm[0]
+    for s in range(1, losses_sm.shape[0]):
+        total = total + losses_sm[s]
+    return total
+
+
+def make_engine(
+    schedule: Schedule,
+    fns: Sequence[StageFn],
+    kind_of: Sequence[int],
+    *,
+    mesh: Mesh,
+    x_struct: jax.ShapeDtypeStruct,
+    stage_axis: str = "stage",
+    keep_residuals: bool = True,
+) -> Callable[[PyTree, PyTree, PyTree, PyTree, PyTree], EngineResult]:
+    """Compile ``schedule`` into ``run(stage_params, stage_consts, shared, shared_consts, inputs) -> EngineResult``.
+
+    Args:
+        schedule: a validated-on-entry schedule (1F1B, ZB1P, DualPipe, DualPipeV or hand-written).
+        fns: stage functions, one per kind (see the module docstring).
+        kind_of: the kind of each of the ``schedule.stages`` stages.
+        mesh: a mesh with axis ``stage_axis`` of ``schedule.ranks`` devices; other axes stay automatic.
+        x_struct: shape and dtype of the activation passed between stages.
+        stage_axis: the pipeline axis name.
+        keep_residuals: a B whose W comes later keeps its vjp residuals (the activations the weight gradients
+            need) for that W, which then neither recomputes the forward nor reads the stage input (freed at B);
+            False: W recomputes the stage forward from the stored input (less memory between B and W).
+
+    ``run``'s stacked pytrees have a leading axis of ``schedule.stages``; ``inputs`` leaves a leading axis of
+    ``schedule.microbatches`` (micro-batch m's inputs are ``inputs[m]``), then the rows (``x_struct``'s first
+    axis; split over a ``data`` mesh axis of size > 1, whose devices then each run the stages on their rows).
+
+    Raises:
+        ScheduleError: the schedule fails `validate`.
+        ValueError: the mesh or ``kind_of`` do not fit the schedule.
+    """
+    if stage_axis not in mesh.shape:
+        raise ValueError(f"mesh has no axis {stage_axis!r} (axes: {tuple(mesh.shape)})")
+    if mesh.shape[stage_axis] != schedule.ranks:
+        raise ValueError(
+            f"mesh axis {stage_axis!r} has {mesh.shape[stage_axis]} devices, the schedule {schedule.ranks} ranks"
+        )
+    kind_of = tuple(int(k) for k in kind_of)
+    if len(kind_of) != schedule.stages or not all(0 <= k < len(fns) for k in kind_of):
+        raise ValueError(f"kind_of must give each of {schedule.stages} stages a kind in [0, {len(fns)})")
+    # Data parallelism inside the pipeline: with a ``data`` axis of size > 1 the micro-batch rows are split over
+    # it by hand (manual in the shard_map, the stage functions see no mesh, gradients are summed at the end).
+    # Left to the automatic partitioner, the data-parallel collectives would sit inside the per-rank `lax.switch`
+    # branches, which differ between stage ranks: XLA:CPU's collective-permute waits for every device and the
+    # program deadlocks (seen). The ``expert`` axis stays automatic (EP's own exchange inside a stage works).
+    batch_axis = "data" if mesh.shape.get("data", 1) > 1 else None
+    n_rows = mesh.shape[batch_axis] if batch_axis else 1
+    if batch_axis and mesh.shape.get("expert", 1) > 1:
+        raise ValueError("pipeline with both data > 1 and expert > 1 devices is not supported")
+    if not x_struct.shape or x_struct.shape[0] % n_rows:
+        raise ValueError(f"activation rows {x_struct.shape[:1]} do not split over {n_rows} {batch_axis!r} devices")
+    x_struct = jax.ShapeDtypeStruct((x_struct.shape[0] // n_rows, *x_struct.shape[1:]), x_struct.dtype)
+    steps = timesteps(schedule)  # validates
+    slots = allocate_slots(schedule, steps, keep_residuals=keep_residuals)
+    table_np, chans = encode(schedule, steps, slots, kind_of)
+    used = sorted({Code.NOOP, *(Code(c) for c in np.unique(table_np[:, :, tb.CODE]))})
+    table_np[:, :, tb.CODE] = np.searchsorted(np.asarray(used), table_np[:, :, tb.CODE])  # code -> branch index
+    R, S, M = schedule.ranks, schedule.stages, schedule.microbatches
+    chunks = [schedule.chunks(r) for r in range(R)]
+    C = max(len(c) for c in chunks)
+    chunk_stage = np.full((R, C), -1, np.int64)  # model stage of each (rank, local chunk); -1: padding
+    for r, cs in enumerate(chunks):
+        for c, (_, stage) in enumerate(cs):
+            chunk_stage[r, c] = stage
+    perms = {hop: [(r, r + hop) for r in range(R) if 0 <= r + hop < R] for _, hop in chans}
+    has_f = jnp.asarray([c in (Code.F, Code.FB) for c in used])
+    kinds = range(len(fns))
+
+    def by_kind(impl, k, *args):
+        if len(fns) == 1:
+            return impl(0, *args)
+        return lax.switch(k, [functools.partial(impl, j) for j in kinds], *args)
+
+    def no_mesh():  # the stage functions' view when rows are split by hand: no mesh, no collectives
+        return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())) if batch_axis else nullcontext()
+
+    residual_row: dict[str, int] = {}  # dtype -> elements of one residual slot (filled when traced)
+
+    def local(sp, sc, shared, shared_c, inputs, table):
+        sp, sc = jax.tree.map(lambda a: a[0], (sp, sc))  # [C, ...]
+        x_zero = jnp.zeros(x_struct.shape, x_struct.dtype)
+        inp0 = jax.tree.map(lambda a: a[0], inputs)
+        with no_mesh():
+            probe = [jax.eval_shape(fns[k], *jax.tree.map(lambda a: a[0], (sp, sc)), shared, shared_c, x_zero, inp0)
+                     for k in kinds]  # fmt: skip
+        loss_struct, aux_struct = probe[0][1], probe[0][2]
+        for k, (_, loss_k, aux_k) in enumerate(probe):
+            if jax.tree.structure(aux_k) != jax.tree.structure(aux_struct) or loss_k.shape != ():
+                raise ValueError(f"stage kind {k}: loss must be a scalar and aux shaped like kind 0's")
+        zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+        zero_loss = jnp.zeros((), loss_struct.dtype)
+        zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_struct)
+        zero_p = jax.tree.map(lambda a: jnp.zeros_like(a[0]), sp)
+        zero_s = zeros(shared)
+
+        def fwd(k, p, c, x, inp):
+            with no_mesh():
+                y, loss, aux = fns[k](p, c, shared, shared_c, x, inp)
+            return x_zero if y is None else y, loss, aux
+
+        def vjp(k, p, c, x, inp, dy):
+            def f(p, s, x):
+                y, loss, aux = fns[k](p, c, s, shared_c, x, inp)
+                return (x_zero if y is None else y, loss), aux  # the last stage's y: a constant, dy is dropped
+
+            with no_mesh():
+                (_, loss), pull, _ = jax.vjp(f, p, shared, x, has_aux=True)
+                return pull((dy, jnp.ones_like(loss)))  # (dp, ds, dx)
+
+        def bwd_x(k, p, c, x, inp, dy):
+            return vjp(k, p, c, x, inp, dy)[2]
+
+        def bwd_w(k, p, c, x, inp, dy):
+            return vjp(k, p, c, x, inp, dy)[:2]
+
+        # Residuals (keep_residuals): the leaves of B's vjp closure, less the parameters (W has them), packed per
+        # dtype into one row of a buffer shared by all kinds; W rebuilds the closure from a traced template (its
+        # forward is dead code XLA removes) with the stored leaves.
+        def pullback(k, p, c, x, inp):
+            def f(p, s, x):
+                y, loss, aux = fns[k](p, c, s, shared_c, x, inp)
+                return (x_zero if y is None else y, loss), aux
+
+            with no_mesh():
+                (_, loss), pull, _ = jax.vjp(f, p, shared, x, has_aux=True)
+            leaves, treedef = jax.tree.flatten(pull)
+            params = {id(a): a for a in jax.tree.leaves((p, shared))}
+            stored = [i for i, a in enumerate(leaves) if id(a) not in params]
+            return loss, leaves, treedef, stored
+
+        layouts = []  # per kind: [(dtype, offset, shape)] of the stored leaves
+        widths: dict = {}  # dtype -> row width (the largest over kinds)
+        if keep_residuals and Code.W in used:
+            p0, c0 = jax.tree.map(lambda a: a[0], (sp, sc))
+            for k in kinds:
+                info = {}
+
+                def probe_k(k=k, info=info):
+                    _, leaves, _, stored = pullback(k, p0, c0, x_zero, inp0)
+                    info["stored"] = [(leaves[i].dtype, leaves[i].shape) for i in stored]
+                    return 0
+
+                jax.eval_shape(probe_k)
+                offsets: dict = {}
+                layout = []
+                for dtype, shape in info["stored"]:
+                    key = jnp.dtype(dtype)
+                    layout.append((key, offsets.get(key, 0), shape))
+                    offsets[key] = offsets.get(key, 0) + int(np.prod(shape))
+                layouts.append(layout)
+                for key, n in offsets.items():
+                    widths[key] = max(widths.get(key, 0), n)
+        dtypes = sorted(widths, key=str)
+        residual_row.clear()
+        residual_row.update({str(d): widths[d] for d in dtypes})
+        zero_rows = tuple(jnp.zeros((widths[d],), d) for d in dtypes)
+
+        def pack(leaves):
+            rows = []
+            for d in dtypes:
+                parts = [a.reshape(-1) for a in leaves if a.dtype == d]
+                row = jnp.concatenate(parts) if parts else jnp.zeros((0,), d)
+                rows.append(jnp.pad(row, (0, widths[d] - row.shape[0])))
+            return tuple(rows)
+
+        def bwd_x_keep(k, p, c, x, inp, dy):
+            loss, leaves, treedef, stored = pullback(k, p, c, x, inp)
+            with no_mesh():
+                dx = jax.tree.unflatten(treedef, leaves)((dy, jnp.ones_like(loss)))[2]
+            return dx, pack([leaves[i] for i in stored])
+
+        def bwd_w_keep(k, p, c, x, inp, dy, rows):
+            loss, leaves, treedef, stored = pullback(k, p, c, x_zero, inp)  # a template: only its structure is used
+            leaves = list(leaves)
+            for i, (dtype, offset, shape) in zip(stored, layouts[k], strict=True):
+                row = rows[dtypes.index(dtype)]
+                leaves[i] = lax.dynamic_slice_in_dim(row, offset, int(np.prod(shape))).reshape(shape)
+            with no_mesh():
+                return jax.tree.unflatten(treedef, leaves)((dy, jnp.ones_like(loss)))[:2]
+
+        # Operands: F part (k, p, c, x, inp), B part (k, p, c, x, inp, dy), W part (same, + stored residual rows);
+        # results: (activation out, input gradient out, loss, aux, weight gradient, shared gradient, residual rows).
+        def noop(f, b, w):
+            return x_zero, x_zero, zero_loss, zero_aux, zero_p, zero_s, zero_rows
+
+        def op_f(f, b, w):
+            y, loss, aux = by_kind(fwd, *f)
+            return y, x_zero, loss, aux, zero_p, zero_s, zero_rows
+
+        def op_b(f, b, w):
+            if dtypes:
+                dx, rows = by_kind(bwd_x_keep, *b)
+                return x_zero, dx, zero_loss, zero_aux, zero_p, zero_s, rows
+            return x_zero, by_kind(bwd_x, *b), zero_loss, zero_aux, zero_p, zero_s, zero_rows
+
+        def op_w(f, b, w):
+            if dtypes:
+                return x_zero, x_zero, zero_loss, zero_aux, *by_kind(bwd_w_keep, *w), zero_rows
+            return x_zero, x_zero, zero_loss, zero_aux, *by_kind(bwd_w, *w[:-1]), zero_rows
+
+        def op_bw(f, b, w):
+            dp, ds, dx = by_kind(vjp, *b)
+            return x_zero, dx, zero_loss, zero_aux, dp, ds, zero_rows
+
+        def op_fb(f, b, w):
+            y, loss, aux = by_kind(fwd, *f)
+            dp, ds, dx = by_kind(vjp, *b)
+            return y, dx, loss, aux, dp, ds, zero_rows
+
+        branches = {Code.NOOP: noop, Code.F: op_f, Code.B: op_b, Code.W: op_w, Code.BW: op_bw, Code.FB: op_fb}
+        branches = [branches[c] for c in used]  # only the op kinds this schedule has: less to compile
+
+        def put(buf, valid, slot, val):
+            return buf.at[slot].set(jnp.where(valid, val, buf[slot]))
+
+        is_b = jnp.asarray([c == Code.B for c in used])
+
+        def step(state, row):
+            act, grad, res, gacc, sacc, losses, aux_acc = state
+
+            def pick(c):
+                return jax.tree.map(lambda a: a[c], sp), jax.tree.map(lambda a: a[c], sc)
+
+            def mb_inputs(m):
+                return jax.tree.map(lambda a: a[m], inputs)
+
+            f = (row[tb.KF], *pick(row[tb.CF]), act[row[tb.AF]], mb_inputs(row[tb.MF]))
+            b = (row[tb.KB], *pick(row[tb.CB]), act[row[tb.AB]], mb_inputs(row[tb.MB]), grad[row[tb.GB]])
+            w = (row[tb.KW], *pick(row[tb.CW]), act[row[tb.AW]], mb_inputs(row[tb.MW]), grad[row[tb.GW]],
+                 tuple(r[row[tb.RW]] for r in res))  # fmt: skip
+            y, dx, loss, aux, dp, ds, rows = lax.switch(row[tb.CODE], branches, f, b, w)
+            res = tuple(put(r, is_b[row[tb.CODE]], row[tb.RB], v) for r, v in zip(res, rows))
+            cf, mf = row[tb.CF], row[tb.MF]
+            losses = losses.at[cf, mf].set(jnp.where(has_f[row[tb.CODE]], loss, losses[cf, mf]))
+            aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
+            gacc = jax.tree.map(lambda g, d: g.at[row[tb.CW]].add(d), gacc, dp)
+            sacc = jax.tree.map(jnp.add, sacc, ds)
+            for k, (payload, hop) in enumerate(chans):
+                val = y if payload == "act" else dx
+                if hop:
+                    val = lax.ppermute(val, stage_axis, perms[hop])
+                valid, slot = row[tb.FIXED + 2 * k] > 0, row[tb.FIXED + 2 * k + 1]
+                if payload == "act":
+                    act = put(act, valid, slot, val)
+                else:
+                    grad = put(grad, valid, slot, val)
+            return (act, grad, res, gacc, sacc, losses, aux_acc), None
+
+        act = jnp.zeros((slots.act_slots, *x_struct.shape), x_struct.dtype)
+        grad = jnp.zeros((slots.grad_slots, *x_struct.shape), x_struct.dtype)
+        gacc = zeros(sp)
+        losses = jnp.zeros((C, M), loss_struct.dtype)
+        res = tuple(jnp.zeros((slots.res_slots, widths[d]), d) for d in dtypes)
+        state = (act, grad, res, gacc, zero_s, losses, zero_aux)
+        (_, _, _, gacc, sacc, losses, aux_acc), _ = lax.scan(step, state, table[:, 0])
+        if batch_axis:  # every stage's sums over its rows
+            gacc, losses = lax.psum((gacc, losses), batch_axis)
+        sacc, aux_acc = lax.psum((sacc, aux_acc), (stage_axis, batch_axis) if batch_axis else stage_axis)
+        return jax.tree.map(lambda g: g[None], gacc), sacc, losses[None], aux_acc
+
+    spec = P(stage_axis)
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(spec, spec, P(), P(), P(None, batch_axis), P(None, stage_axis)),
+        out_specs=(spec, P(), spec, P()),
+        axis_names={stage_axis, batch_axis} if batch_axis else {stage_axis},
+        check_vma=False,  # per-rank state is varying by construction; nothing here is differentiated
+    )
+    gather = chunk_stage.clip(0)
+    valid_chunk = chunk_stage >= 0
+
+    def per_stage(g):  # [R, C, ...] per (rank, chunk) -> [S, ...] per model stage; mirror copies add up
+        g = g.reshape(R * C, *g.shape[2:])
+        g = jnp.where(valid_chunk.reshape(-1, *[1] * (g.ndim - 1)), g, 0)
+        return jnp.zeros((S, *g.shape[1:]), g.dtype).at[gather.reshape(-1)].add(g)
+
+    table = jnp.asarray(table_np)
+
+    def run(stage_params, stage_consts, shared, shared_consts, inputs) -> EngineResult:
+        for leaf in jax.tree.leaves((stage_params, stage_consts)):
+            if leaf.shape[:1] != (S,):
+                raise ValueError(f"stacked stage leaf of shape {leaf.shape}: leading dimension must be {S} stages")
+        for leaf in jax.tree.leaves(inputs):
+            if leaf.shape[:1] != (M,):
+                raise ValueError(f"inputs leaf of shape {leaf.shape}: leading dimension must be {M} micro-batches")
+        rank_params, rank_consts = jax.tree.map(lambda a: a[gather], (stage_params, stage_consts))  # [R, C, ...]
+        gacc, sacc, losses, aux = sharded(rank_params, rank_consts, shared, shared_consts, inputs, table)
+        return EngineResult(per_stage(losses), aux, jax.tree.map(per_stage, gacc), sacc)
+
+    run.slots = slots  # buffer sizes, for reports and tests
+    run.residual_row = residual_row
+    run.steps = len(steps)
+    return run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,92 +419,6 @@ class PipelineResult:
     grads: list[PyTree]
 
 
-def timesteps(schedule: Schedule) -> list[list[int | None]]:
-    """Global time steps of ``schedule``: ``steps[t][rank]`` is the index of the op the rank runs at step t.
-
-    As-soon-as-possible with unit op times: an op runs once its rank's previous op ran and each dependency on
-    another rank ran at an earlier step (its result then crosses ranks between the steps). Validates first.
-
-    Raises:
-        ScheduleError: the schedule is invalid (`validate`).
-    """
-    validate(schedule)
-    pos = [0] * schedule.ranks
-    done: dict[tuple[Part, int, int], int] = {}
-    steps: list[list[int | None]] = []
-    while any(pos[r] < len(schedule.ops[r]) for r in range(schedule.ranks)):
-        t = len(steps)
-        row: list[int | None] = [None] * schedule.ranks
-        for r, ops in enumerate(schedule.ops):
-            if pos[r] < len(ops) and all(done.get(d, t) < t for d in op_dependencies(schedule, ops[pos[r]])):
-                row[r] = pos[r]
-        if all(i is None for i in row):  # unreachable after validate(); guards against an infinite loop
-            raise AssertionError("executor replay made no progress")
-        for r, i in enumerate(row):
-            if i is not None:
-                done.update((part, t) for part in schedule.ops[r][i].parts())
-                pos[r] += 1
-        steps.append(row)
-    return steps
-
-
-def _tables(schedule: Schedule, steps: list[list[int | None]]) -> tuple[np.ndarray, list[tuple[str, int]]]:
-    """Encode ``steps`` as an int32 table ``[T, ranks, fields]``; also the (payload, hop) channels used."""
-    last = schedule.stages - 1
-    # Which channels exist: an F part sends its output to the next stage's rank, a B part its input gradient
-    # to the previous stage's rank; hop = destination - source rank (0: same rank).
-    sends: list[list[list[tuple[str, int, int, int, int]]]] = []  # [t][src] -> (payload, hop, dst, chunk, mb)
-    channels: set[tuple[str, int]] = set()
-    for row in steps:
-        srow = []
-        for r, i in enumerate(row):
-            out = []
-            for part, mb, stage in () if i is None else schedule.ops[r][i].parts():
-                if part is Part.F and stage < last:
-                    dst, dst_stage, payload = schedule.rank_of(mb, stage + 1), stage + 1, "act"
-                elif part is Part.B and stage > 0:
-                    dst, dst_stage, payload = schedule.rank_of(mb, stage - 1), stage - 1, "grad"
-                else:
-                    continue
-                out.append((payload, dst - r, dst, schedule.chunk_id(mb, dst_stage), mb))
-                channels.add((payload, dst - r))
-            srow.append(out)
-        sends.append(srow)
-    chans = sorted(channels)
-    table = np.zeros((len(steps), schedule.ranks, _FIXED + 3 * len(chans)), np.int32)
-    for t, row in enumerate(steps):
-        for r, i in enumerate(row):
-            if i is None:
-                continue
-            op = schedule.ops[r][i]
-            f = table[t, r]
-            if op.kind in (Kind.F, Kind.FB):
-                f[_CF], f[_MF] = schedule.chunk_id(op.microbatch, op.stage), op.microbatch
-                is_last = op.stage == last
-            if op.kind is Kind.F:
-                f[_CODE] = _Code.F_LAST if is_last else _Code.F
-            elif op.kind is Kind.FB:
-                f[_CODE] = _Code.FB_LAST if is_last else _Code.FB
-                mb, stage = op.b_microbatch, op.b_stage
-                f[_CB] = f[_CW] = schedule.chunk_id(mb, stage)
-                f[_MB] = f[_MW] = mb
-            elif op.kind is Kind.B:
-                f[_CODE], f[_CB], f[_MB] = _Code.B, schedule.chunk_id(op.microbatch, op.stage), op.microbatch
-            elif op.kind is Kind.W:
-                f[_CODE], f[_CW], f[_MW] = _Code.W, schedule.chunk_id(op.microbatch, op.stage), op.microbatch
-            else:  # BW
-                f[_CODE] = _Code.BW
-                f[_CB] = f[_CW] = schedule.chunk_id(op.microbatch, op.stage)
-                f[_MB] = f[_MW] = op.microbatch
-        for out in sends[t]:
-            for payload, hop, dst, chunk, mb in out:
-                k = _FIXED + 3 * chans.index((payload, hop))
-                if table[t, dst, k]:  # a rank sends at most one payload of each kind per step
-                    raise AssertionError(f"step {t}: two {payload} messages for rank {dst} on hop {hop}")
-                table[t, dst, k : k + 3] = (1, chunk, mb)
-    return table, chans
-
-
 def run_schedule(
     schedule: Schedule,
     stage_fn: Callable[[PyTree, jax.Array], jax.Array],
@@ -196,17 +430,17 @@ def run_schedule(
     mesh: Mesh,
     stage_axis: str = "stage",
 ) -> PipelineResult:
-    """Run one training step of ``schedule`` on ``mesh``: losses and parameter gradients.
+    """Run one training step of ``schedule`` over identical stages: losses and parameter gradients.
 
     Micro-batch m enters stage 0 (on rank ``schedule.rank_of(m, 0)``), passes through stages
     ``0 .. schedule.stages-1`` (``y = stage_fn(stage_params[s], x)``) and its loss is
     ``loss_fn(y_last, labels_m)``. The result equals the plain sequential loop over the micro-batches: the
     losses to float32 round-off of identical operations (bitwise on the tested backend), the gradients to
     summation-order round-off (accumulated in schedule order, DualPipe's mirror copies summed).
+    Stages of different shapes (a real model): `make_engine`.
 
     Args:
-        schedule: a schedule from `dsjax.pipeline` (1F1B, ZB1P, DualPipe, DualPipeV) or hand-written; it is
-            validated first.
+        schedule: a schedule from `dsjax.pipeline` or hand-written; it is validated first.
         stage_fn: ``(params, x) -> y`` with ``y`` of ``x``'s shape and dtype; the same function for every stage.
         stage_params: one parameter pytree per stage (``schedule.stages`` of them, same structure and shapes).
         microbatches: ``[schedule.microbatches, *x_shape]`` stage-0 inputs.
@@ -214,9 +448,6 @@ def run_schedule(
         loss_fn: ``(y_last, labels_m) -> scalar``.
         mesh: a mesh with axis ``stage_axis`` of size ``schedule.ranks`` (other axes: everything replicated).
         stage_axis: the pipeline axis name.
-
-    Returns:
-        `PipelineResult`: summed loss, per-micro-batch losses, per-stage gradients laid out like ``stage_params``.
 
     Raises:
         ScheduleError: the schedule fails `validate`.
@@ -234,167 +465,26 @@ def make_pipeline_step(
     mesh: Mesh,
     stage_axis: str = "stage",
 ) -> Callable[[Sequence[PyTree], jax.Array, PyTree], PipelineResult]:
-    """`run_schedule` as a reusable function ``(stage_params, microbatches, labels) -> PipelineResult``.
+    """`run_schedule` as a reusable function ``(stage_params, microbatches, labels) -> PipelineResult``."""
+    S, M = schedule.stages, schedule.microbatches
+    # Kinds: 0 reads the micro-batch, 1 a received activation, 2 (the last stage) adds the loss; one stage: both.
 
-    The schedule is validated and encoded once; the jitted program is cached per input shapes.
-    """
-    if stage_axis not in mesh.shape:
-        raise ValueError(f"mesh has no axis {stage_axis!r} (axes: {tuple(mesh.shape)})")
-    if mesh.shape[stage_axis] != schedule.ranks:
-        raise ValueError(
-            f"mesh axis {stage_axis!r} has {mesh.shape[stage_axis]} devices, the schedule {schedule.ranks} ranks"
-        )
-    table_np, chans = _tables(schedule, timesteps(schedule))  # validates
-    used = sorted({_Code.NOOP, *(_Code(c) for c in np.unique(table_np[:, :, _CODE]))})
-    table_np[:, :, _CODE] = np.searchsorted(np.asarray(used), table_np[:, :, _CODE])  # code -> branch index
-    R, S, M = schedule.ranks, schedule.stages, schedule.microbatches
-    chunks = [schedule.chunks(r) for r in range(R)]
-    C = max(len(c) for c in chunks)
-    # Model stage of each (rank, local chunk); -1 for padding (a rank with fewer chunks than another).
-    chunk_stage = np.full((R, C), -1, np.int64)
-    for r, cs in enumerate(chunks):
-        for c, (_, stage) in enumerate(cs):
-            chunk_stage[r, c] = stage
-    first = np.array([(schedule.rank_of(m, 0), schedule.chunk_id(m, 0)) for m in range(M)], np.int64)
-    perms = {hop: [(r, r + hop) for r in range(R) if 0 <= r + hop < R] for _, hop in chans}
+    def first(p, c, s, sc, x, inp):
+        return stage_fn(p, inp["x"]), jnp.zeros((), jnp.float32), ()
 
-    def local(stage_params_local, act, labels_, table):
-        params = jax.tree.map(lambda a: a[0], stage_params_local)  # [C, ...]
-        act = act[0]  # [C, M, *x]
-        grad = jnp.zeros_like(act)
-        gacc = jax.tree.map(jnp.zeros_like, params)
-        x_like = act[0, 0]
-        loss_dtype = jax.eval_shape(loss_fn, x_like, jax.tree.map(lambda a: a[0], labels_)).dtype
-        losses = jnp.zeros((M,), loss_dtype)
-        zero_x = jnp.zeros_like(x_like)
-        zero_loss = jnp.zeros((), loss_dtype)
-        zero_p = jax.tree.map(lambda a: jnp.zeros_like(a[0]), params)
+    def middle(p, c, s, sc, x, inp):
+        return stage_fn(p, x), jnp.zeros((), jnp.float32), ()
 
-        def fwd(p, x):
-            return stage_fn(p, x)
+    def tail(p, c, s, sc, x, inp):
+        return None, loss_fn(stage_fn(p, x), inp["label"]), ()
 
-        def fwd_last(p, x, lab):
-            y = stage_fn(p, x)
-            return jax.value_and_grad(lambda y: loss_fn(y, lab))(y)  # (loss, output gradient)
+    def only(p, c, s, sc, x, inp):
+        return None, loss_fn(stage_fn(p, inp["x"]), inp["label"]), ()
 
-        def bwd_input(p, x, dy):
-            return jax.vjp(lambda x: stage_fn(p, x), x)[1](dy)[0]
-
-        def bwd_weight(p, x, dy):
-            return jax.vjp(lambda p: stage_fn(p, x), p)[1](dy)[0]
-
-        def bwd_full(p, x, dy):
-            dp, dx = jax.vjp(stage_fn, p, x)[1](dy)
-            return dx, dp
-
-        # Branch operands: (p_f, x_f, lab, p_b, x_b, dy_b, p_w, x_w, dy_w);
-        # results: (activation out, input gradient out, last-stage output gradient, loss, weight gradient).
-        def noop(*_):
-            return zero_x, zero_x, zero_x, zero_loss, zero_p
-
-        def op_f(pf, xf, lab, *_):
-            return fwd(pf, xf), zero_x, zero_x, zero_loss, zero_p
-
-        def op_f_last(pf, xf, lab, *_):
-            loss, dy = fwd_last(pf, xf, lab)
-            return zero_x, zero_x, dy, loss, zero_p
-
-        def op_b(pf, xf, lab, pb, xb, dyb, *_):
-            return zero_x, bwd_input(pb, xb, dyb), zero_x, zero_loss, zero_p
-
-        def op_w(pf, xf, lab, pb, xb, dyb, pw, xw, dyw):
-            return zero_x, zero_x, zero_x, zero_loss, bwd_weight(pw, xw, dyw)
-
-        def op_bw(pf, xf, lab, pb, xb, dyb, *_):
-            dx, dp = bwd_full(pb, xb, dyb)
-            return zero_x, dx, zero_x, zero_loss, dp
-
-        def op_fb(pf, xf, lab, pb, xb, dyb, *_):
-            y = fwd(pf, xf)
-            dx, dp = bwd_full(pb, xb, dyb)
-            return y, dx, zero_x, zero_loss, dp
-
-        def op_fb_last(pf, xf, lab, pb, xb, dyb, *_):
-            loss, dy = fwd_last(pf, xf, lab)
-            dx, dp = bwd_full(pb, xb, dyb)
-            return zero_x, dx, dy, loss, dp
-
-        all_branches = [noop, op_f, op_f_last, op_b, op_w, op_bw, op_fb, op_fb_last]
-        assert [b.__name__ for b in all_branches] == ["noop"] + ["op_" + c.name.lower() for c in list(_Code)[1:]]
-        branches = [all_branches[c] for c in used]  # only the op kinds this schedule has: less to compile
-        last_code = jnp.asarray([c in (_Code.F_LAST, _Code.FB_LAST) for c in used])
-
-        def put(buf, valid, c, m, val):
-            return buf.at[c, m].set(jnp.where(valid, val, buf[c, m]))
-
-        def step(state, row):
-            act, grad, gacc, losses = state
-            code, cf, mf, cb, mb, cw, mw = (row[i] for i in range(_FIXED))
-
-            def pick(c):
-                return jax.tree.map(lambda a: a[c], params)
-
-            lab = jax.tree.map(lambda a: a[mf], labels_)
-            out_act, out_grad, dy_new, loss, dp = lax.switch(
-                code,
-                branches,
-                pick(cf),
-                act[cf, mf],
-                lab,
-                pick(cb),
-                act[cb, mb],
-                grad[cb, mb],
-                pick(cw),
-                act[cw, mw],
-                grad[cw, mw],
-            )
-            is_last = last_code[code]
-            grad = put(grad, is_last, cf, mf, dy_new)
-            losses = losses.at[mf].set(jnp.where(is_last, loss, losses[mf]))
-            gacc = jax.tree.map(lambda g, d: g.at[cw].add(d), gacc, dp)
-            for k, (payload, hop) in enumerate(chans):
-                val = out_act if payload == "act" else out_grad
-                if hop:
-                    val = lax.ppermute(val, stage_axis, perms[hop])
-                valid, c, m = (row[_FIXED + 3 * k + i] for i in range(3))
-                if payload == "act":
-                    act = put(act, valid > 0, c, m, val)
-                else:
-                    grad = put(grad, valid > 0, c, m, val)
-            return (act, grad, gacc, losses), None
-
-        (_, _, gacc, losses), _ = lax.scan(step, (act, grad, gacc, losses), table[:, 0])
-        return jax.tree.map(lambda g: g[None], gacc), losses[None]
-
-    spec = P(stage_axis)
-    sharded = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(spec, spec, P(), P(None, stage_axis)),
-        out_specs=(spec, spec),
-        check_vma=False,  # the per-rank state is varying by construction; nothing here is differentiated
-    )
-    gather = chunk_stage.clip(0)
-    valid_chunk = chunk_stage >= 0
-
-    @jax.jit
-    def program(stacked, microbatches, labels, table):
-        rank_params = jax.tree.map(lambda a: a[gather], stacked)  # [R, C, ...]
-        rank_params = jax.lax.with_sharding_constraint(rank_params, NamedSharding(mesh, spec))
-        act = jnp.zeros((R, C, *microbatches.shape), microbatches.dtype)
-        act = act.at[first[:, 0], first[:, 1], np.arange(M)].set(microbatches)
-        gacc, losses = sharded(rank_params, act, labels, table)
-        losses = losses.sum(0)  # one rank holds each micro-batch's loss, the others zeros: exact
-
-        def per_stage(g):  # [R, C, ...] per (rank, chunk) -> [S, ...] per model stage; mirror copies add up
-            g = g.reshape(R * C, *g.shape[2:])
-            g = jnp.where(valid_chunk.reshape(-1, *[1] * (g.ndim - 1)), g, 0)
-            return jnp.zeros((S, *g.shape[1:]), g.dtype).at[gather.reshape(-1)].add(g)
-
-        grads = jax.tree.map(per_stage, gacc)
-        return jnp.sum(losses), losses, grads
-
-    table = jnp.asarray(table_np)
+    fns, kind_of = ([first, middle, tail], [0] + [1] * (S - 2) + [2]) if S > 1 else ([only], [0])
+    engines: dict = {}
+    if stage_axis not in mesh.shape or mesh.shape[stage_axis] != schedule.ranks:  # fail early, like the engine
+        make_engine(schedule, [first], [0] * S, mesh=mesh, x_struct=jax.ShapeDtypeStruct((), jnp.float32))
 
     def run(stage_params: Sequence[PyTree], microbatches: jax.Array, labels: PyTree) -> PipelineResult:
         stage_params = list(stage_params)
@@ -407,15 +497,19 @@ def make_pipeline_step(
                 raise ValueError(f"stage {s} parameters differ in structure or shapes from stage 0's")
         if microbatches.shape[:1] != (M,):
             raise ValueError(f"microbatches has leading shape {microbatches.shape[:1]}, schedule has {M} micro-batches")
-        for leaf in jax.tree.leaves(labels):
-            if leaf.shape[:1] != (M,):
-                raise ValueError(f"labels leaf of shape {leaf.shape}: leading dimension must be {M}")
         x_struct = jax.ShapeDtypeStruct(microbatches.shape[1:], microbatches.dtype)
         out = jax.eval_shape(stage_fn, stage_params[0], x_struct)
-        if (out.shape, out.dtype) != (microbatches.shape[1:], microbatches.dtype):
-            raise ValueError(f"stage_fn maps {microbatches.shape[1:]} {microbatches.dtype} to {out.shape} {out.dtype}")
+        if (out.shape, out.dtype) != (x_struct.shape, x_struct.dtype):
+            raise ValueError(f"stage_fn maps {x_struct.shape} {x_struct.dtype} to {out.shape} {out.dtype}")
+        key = (x_struct.shape, str(x_struct.dtype))
+        if key not in engines:
+            engines[key] = jax.jit(
+                make_engine(schedule, fns, kind_of, mesh=mesh, x_struct=x_struct, stage_axis=stage_axis)
+            )
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stage_params)
-        loss, losses, grads = program(stacked, microbatches, labels, table)
-        return PipelineResult(loss, losses, [jax.tree.map(lambda g, s=s: g[s], grads) for s in range(S)])
+        res = engines[key](stacked, (), (), (), {"x": microbatches, "label": labels})
+        losses = sum_stages(res.losses)
+        grads = [jax.tree.map(lambda g, s=s: g[s], res.stage_grads) for s in range(S)]
+        return PipelineResult(jnp.sum(losses), losses, grads)
 
     return run

@@ -6,6 +6,7 @@ YAML layout (see ``configs/train_tiny.yaml``)::
     data: {...DataConfig fields}
     train: {...TrainConfig fields}
     mesh: {data: 1, expert: 1}
+    pipeline: {schedule: none, stages: 1, micro_batches: 0}   # optional: pipeline parallelism
 
 ``--set section.field=value`` overrides (values parsed as YAML scalars) apply before the dataclasses are built,
 so every override is validated like the file itself.
@@ -135,12 +136,48 @@ class MeshConfig:
         _check(self.data > 0 and self.expert > 0, "mesh", "axis sizes must be positive")
 
 
+PIPELINE_SCHEDULES = ("none", "1f1b", "zb1p", "dualpipe", "dualpipev")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """Pipeline parallelism (`dsjax.pipeline`): ``schedule`` (``none`` = off, ``1f1b``, ``zb1p``, ``dualpipe``,
+    ``dualpipev``) over ``stages`` devices (a ``stage`` mesh axis in front of ``data`` x ``expert``), the batch
+    split into ``micro_batches``. The model is cut into ``stages`` pieces (DualPipeV: ``2 * stages``, two per
+    device in a V), each a contiguous run of MoE layers: their number must be a multiple of the pieces."""
+
+    schedule: str = "none"
+    stages: int = 1
+    micro_batches: int = 0
+
+    def __post_init__(self):
+        _check(self.schedule in PIPELINE_SCHEDULES, "pipeline.schedule", f"one of {PIPELINE_SCHEDULES}")
+        _check(self.stages >= 1, "pipeline.stages", "must be >= 1")
+        _check(self.micro_batches >= 0, "pipeline.micro_batches", "must be >= 0")
+        if self.schedule != "none":
+            _check(self.micro_batches >= 1, "pipeline.micro_batches", f"must be >= 1 with schedule {self.schedule}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.schedule != "none"
+
+    def make_schedule(self):
+        """The `dsjax.pipeline.Schedule` (``ConfigError`` when the generator refuses the counts)."""
+        from dsjax.pipeline import GENERATORS
+
+        try:
+            return GENERATORS[self.schedule](self.stages, self.micro_batches)
+        except ValueError as e:
+            raise ConfigError(f"pipeline: {e}") from e
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: ModelConfig
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def __post_init__(self):
         _check(
@@ -162,6 +199,38 @@ class RunConfig:
             self.model.fp8 is None or self.train.dispatch != "dense",
             "train.dispatch",
             "'dense' has no FP8 form; use auto, blocked, ragged or ep with model.fp8",
+        )
+        if self.pipeline.enabled:
+            self._check_pipeline()
+
+    def _check_pipeline(self):
+        pp, tc = self.pipeline, self.train
+        schedule = pp.make_schedule()  # the generator's own rules: even counts, micro_batches >= 2 * stages, ...
+        _check(
+            tc.batch_size % pp.micro_batches == 0,
+            "pipeline.micro_batches",
+            f"train.batch_size={tc.batch_size} does not split into {pp.micro_batches} micro-batches",
+        )
+        rows, shards = tc.batch_size // pp.micro_batches, self.mesh.data * self.mesh.expert
+        _check(
+            rows % shards == 0,
+            "pipeline.micro_batches",
+            f"micro-batches of {rows} rows do not split over the {self.mesh.data}x{self.mesh.expert} mesh",
+        )
+        _check(not self.mesh.fsdp, "mesh.fsdp", "is not supported with pipeline parallelism")
+        _check(
+            self.mesh.data == 1 or self.mesh.expert == 1,
+            "mesh",
+            "a pipeline runs either data parallelism (mesh.data) or expert parallelism (mesh.expert) inside its "
+            "stages, not both",
+        )
+        layers = self.model.num_moe_layers or self.model.first_k_dense_replace
+        _check(
+            layers % schedule.stages == 0 and layers >= schedule.stages,
+            "pipeline.stages",
+            f"the model's {layers} {'MoE' if self.model.num_moe_layers else 'dense'} layers do not split evenly into "
+            f"{schedule.stages} pipeline stages ({pp.schedule} over {pp.stages} devices); change "
+            "model.num_hidden_layers",
         )
 
 
@@ -187,9 +256,9 @@ def _build(cls, section: str, values: dict):
 
 
 def run_config_from_dict(d: dict) -> RunConfig:
-    unknown = set(d) - {"model", "data", "train", "mesh"}
+    unknown = set(d) - {"model", "data", "train", "mesh", "pipeline"}
     if unknown:
-        raise ConfigError(f"unknown sections {sorted(unknown)} (expected model, data, train, mesh)")
+        raise ConfigError(f"unknown sections {sorted(unknown)} (expected model, data, train, mesh, pipeline)")
     model = dict(d.get("model") or {})
     preset = model.pop("preset", None)
     return RunConfig(
@@ -197,6 +266,7 @@ def run_config_from_dict(d: dict) -> RunConfig:
         data=_build(DataConfig, "data", d.get("data") or {}),
         train=_build(TrainConfig, "train", d.get("train") or {}),
         mesh=_build(MeshConfig, "mesh", d.get("mesh") or {}),
+        pipeline=_build(PipelineConfig, "pipeline", d.get("pipeline") or {}),
     )
 
 
@@ -230,4 +300,5 @@ def run_config_to_dict(cfg: RunConfig) -> dict:
         "data": dataclasses.asdict(cfg.data),
         "train": dataclasses.asdict(cfg.train),
         "mesh": dataclasses.asdict(cfg.mesh),
+        "pipeline": dataclasses.asdict(cfg.pipeline),
     }

@@ -1,7 +1,9 @@
 """The pretraining loop: data -> jitted sharded step -> metrics, checkpoints, resume, plots.
 
 One code path for a CPU laptop and a multi-host accelerator cluster: the mesh comes from the run config, each
-process feeds its slice of the global batch, and the step is compiled with explicit shardings.
+process feeds its slice of the global batch, and the step is compiled with explicit shardings. With a
+``pipeline`` section the mesh gains a ``stage`` axis and the step computes its loss and gradients with the
+pipeline schedule (`dsjax.pipeline.train`); state, checkpoints, metrics and exports are unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dsjax.data.pipeline import SkippedDocuments, make_pretrain_iterator, screen
 from dsjax.data.repo import REPO_PREFIX, load_repository_corpus
 from dsjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from dsjax.model import create_model
+from dsjax.pipeline.train import make_pipeline_mesh, make_pipeline_train_step
 from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, make_mesh
 from dsjax.train.checkpoint import TrainCheckpointer
 from dsjax.train.config import RunConfig, run_config_to_dict
@@ -186,13 +189,21 @@ def train(run: RunConfig, out_dir: str, *, resume: bool | str = True, progress: 
                     skipped.describe())  # fmt: skip
     entropy = unigram_entropy((tokenizer.encode(d) if isinstance(d, str) else d) for d in docs[:2000])
 
-    if jax.process_count() > 1 and run.mesh.data * run.mesh.expert != jax.device_count():
+    stages = run.pipeline.stages if run.pipeline.enabled else 1
+    if jax.process_count() > 1 and stages * run.mesh.data * run.mesh.expert != jax.device_count():
         # A smaller mesh would take the first processes' devices only and leave the others without batch rows.
         raise ConfigError(
-            f"mesh: {run.mesh.data}x{run.mesh.expert} must cover all {jax.device_count()} devices of the "
+            f"mesh: {stages}x{run.mesh.data}x{run.mesh.expert} must cover all {jax.device_count()} devices of the "
             f"{jax.process_count()} processes"
         )
-    mesh = make_mesh(run.mesh.data, run.mesh.expert)
+    if run.pipeline.enabled:  # a `stage` axis in front of data x expert; everything else is unchanged
+        if stages * run.mesh.data * run.mesh.expert > jax.device_count():
+            raise ConfigError(
+                f"pipeline: {stages}x{run.mesh.data}x{run.mesh.expert} devices needed, {jax.device_count()} available"
+            )
+        mesh = make_pipeline_mesh(stages, run.mesh.data, run.mesh.expert)
+    else:
+        mesh = make_mesh(run.mesh.data, run.mesh.expert)
     compute_dtype = jnp.dtype(tc.compute_dtype)
     # Every process runs this function; orbax coordinates the checkpoint writes of all processes itself (into
     # out_dir/checkpoints, which must be one shared directory), and process 0 alone writes the other files.
@@ -213,7 +224,11 @@ def train(run: RunConfig, out_dir: str, *, resume: bool | str = True, progress: 
         del model
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         batch_sharding = NamedSharding(mesh, P(("data", "expert")))
-        step_fn = jit_train_step(make_train_step(graphdef, run.model, tc, tx), state_shardings, batch_sharding)
+        if run.pipeline.enabled:
+            make_step = make_pipeline_train_step(graphdef, run.model, tc, tx, run.pipeline.make_schedule(), mesh)
+        else:
+            make_step = make_train_step(graphdef, run.model, tc, tx)
+        step_fn = jit_train_step(make_step, state_shardings, batch_sharding)
 
         data = make_pretrain_iterator(
             docs, tokenizer, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed, fim_rate=run.data.fim_rate,
