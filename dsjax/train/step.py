@@ -104,8 +104,16 @@ def _concat_routing(a: Routing | None, b: Routing | None) -> Routing | None:
     return Routing(*(jnp.concatenate([x, y]) for x, y in zip(a, b)))
 
 
-def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainConfig, tx):
-    """The step function (not yet jitted; see :func:`jit_train_step`)."""
+def make_train_step(
+    graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainConfig, tx, *, forward_fn=None, language_path=()
+):
+    """The step function (not yet jitted; see :func:`jit_train_step`).
+
+    Hooks for a model that wraps the language model (e.g. :class:`dsjax.vision.VisionLanguageModel`):
+    ``forward_fn(model, batch, **options) -> ModelOutput`` replaces ``model.forward(batch["tokens"], **options)``,
+    and ``language_path`` names the language model inside it (its output head and routing biases), e.g.
+    ``("language",)``. ``model_cfg`` is the language model's config.
+    """
     depth = model_cfg.num_nextn_predict_layers
     schedule = learning_rate(cfg)
     use_bias = model_cfg.has_routing_bias and cfg.bias_gamma > 0
@@ -113,8 +121,9 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         seg = batch["segment_ids"]
-        out = model.forward(
-            batch["tokens"],
+        out = (forward_fn or _forward_tokens)(
+            model,
+            batch,
             positions=batch["positions"],
             segment_ids=seg,
             return_mtp=depth > 0,
@@ -125,7 +134,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
             compute_logits=not cfg.loss_chunk,
         )
         if cfg.loss_chunk:
-            head = model.lm_head[...]
+            head = _at(model, language_path).lm_head[...]
 
             def xent(hidden, k):
                 return losses.chunked_cross_entropy(hidden, head, *future_targets(batch, k), chunk=cfg.loss_chunk)
@@ -168,7 +177,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
         params = optax.apply_updates(state.params, updates)
         rest = state.rest
         if use_bias and aux["load"] is not None:
-            rest = _update_biases(rest, aux["load"], model_cfg, cfg.bias_gamma)
+            rest = _update_biases(rest, aux["load"], model_cfg, cfg.bias_gamma, language_path)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -223,15 +232,27 @@ def _dropped_fraction(routing: Routing, model_cfg: ModelConfig, cfg: TrainConfig
     return count.astype(jnp.float32).sum() / float(routing.experts_mk.size)
 
 
-def _update_biases(rest: nnx.State, load_le: jax.Array, model_cfg: ModelConfig, gamma: float) -> nnx.State:
-    """Apply the sign rule to the MoE stack's biases (first rows of ``load``) and the MTP layers' (last rows)."""
+def _forward_tokens(model, batch, **options):
+    return model.forward(batch["tokens"], **options)
+
+
+def _at(tree, path):
+    for key in path:
+        tree = getattr(tree, key) if isinstance(tree, nnx.Module) else tree[key]
+    return tree
+
+
+def _update_biases(rest: nnx.State, load_le: jax.Array, model_cfg: ModelConfig, gamma: float, path=()) -> nnx.State:
+    """Apply the sign rule to the MoE stack's biases (first rows of ``load``) and the MTP layers' (last rows) of
+    the language model at ``path`` in ``rest``."""
     n_moe = model_cfg.num_moe_layers
     rest = jax.tree.map(lambda x: x, rest)  # a copy to update
+    lang = _at(rest, path)
     if n_moe:
-        var = rest["moe_layers"]["ffn"]["routing_bias"]
+        var = lang["moe_layers"]["ffn"]["routing_bias"]
         var.set_value(losses.bias_update(var.get_value(), load_le[:n_moe], gamma))
     if model_cfg.num_nextn_predict_layers:
-        var = rest["mtp"]["layer"]["ffn"]["routing_bias"]
+        var = lang["mtp"]["layer"]["ffn"]["routing_bias"]
         var.set_value(losses.bias_update(var.get_value(), load_le[n_moe:], gamma))
     return rest
 

@@ -7,10 +7,21 @@ view-separator embeddings. ``load_tower`` / ``load_projector`` read HF or DeepSe
 
 ``VisionLanguageModel`` puts them together with the language model (image embeddings written over the
 placeholder runs ``VLProcessor`` makes of ``<image>`` markers); ``load_vl`` / ``save_vl`` read and write
-DeepSeek-VL2-layout checkpoints; ``vl_loss_fn`` and ``generate_greedy`` train on and continue such prompts.
+DeepSeek-VL2-layout checkpoints. ``render_vl_chat`` is VL2's conversation format; :func:`dsjax.infer.generate`
+takes a ``VisionLanguageModel`` and ``images`` (the prefill runs on the image-spliced embeddings);
+:mod:`dsjax.vision.train` trains on such prompts (loss on the answer text, optional freezing, routing-bias
+balancing) and :mod:`dsjax.vision.job` is the small synthetic-shapes job of ``scripts/vl.py``.
 """
 
-from dsjax.vision.chat import VLInputs, VLProcessor, generate_greedy, pad_batch
+from dsjax.vision.chat import (
+    VLInputs,
+    VLProcessor,
+    encode_vl_chat,
+    generate_greedy,
+    pad_batch,
+    prefill_embeddings,
+    render_vl_chat,
+)
 from dsjax.vision.checkpoint import load_vl, load_vl_config, save_vl
 from dsjax.vision.config import ProjectorConfig, ProjectorType, TilingConfig, VisionAct, VisionConfig
 from dsjax.vision.hf_map import load_projector, load_tower
@@ -53,6 +64,7 @@ __all__ = [
     "VisionLanguageModel",
     "batch_images",
     "create_vl_model",
+    "encode_vl_chat",
     "gather_image_tokens",
     "generate_greedy",
     "image_layout",
@@ -62,7 +74,9 @@ __all__ = [
     "load_vl",
     "load_vl_config",
     "pad_batch",
+    "prefill_embeddings",
     "process_image",
+    "render_vl_chat",
     "save_vl",
     "select_best_resolution",
     "splice_image_embeddings",

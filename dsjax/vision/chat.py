@@ -3,13 +3,15 @@
 As DeepSeek-VL2's processor does, each marker becomes a run of ``layout.num_tokens`` copies of the placeholder id
 (one per image embedding: tile tokens, newlines and the view separator), and images are tiled only when the
 prompt holds at most two (``cropping``). :class:`~dsjax.vision.model.VisionLanguageModel` then writes the image
-embeddings over the runs. :func:`generate_greedy` continues such a prompt with the latent KV cache.
+embeddings over the runs. :func:`render_vl_chat` is VL2's ``deepseek`` conversation format;
+:func:`dsjax.infer.generate` continues such prompts with the latent KV cache (:func:`prefill_embeddings` makes
+its prefill inputs) and :func:`generate_greedy` is its one-prompt greedy form.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -17,15 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsjax.data.tokenizer import Tokenizer, encode_array
-from dsjax.infer.cache import init_cache
-from dsjax.infer.forward import _Runner, _scan_cached, forward_cached
-from dsjax.model import check_tokens
+from dsjax.data.tokenizer import DEEPSEEK_EOS, Tokenizer, encode_array
 from dsjax.vision.config import TilingConfig
 from dsjax.vision.model import ImageBatch, batch_images
 from dsjax.vision.processing import ProcessedImage, process_image
 
 IMAGE_MARKER = "<image>"  # VL2's image token string
+VL2_USER, VL2_ASSISTANT = "<|User|>", "<|Assistant|>"  # VL2's role tokens (ASCII bars, unlike V3's)
 
 
 class VLInputs(NamedTuple):
@@ -103,35 +103,119 @@ def pad_batch(inputs: Sequence[VLInputs], pad_id: int, length: int | None = None
     return tokens, (batch_images(images) if images else None), lengths
 
 
-# ---- greedy generation with images -------------------------------------------------------------------------
+# ---- chat format ------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_slots", "dispatch"))
-def _prefill(graphdef, state, tokens_bt, pixels, source, num_slots: int, dispatch: str):
-    """The prompt, images spliced in, through the language model into a fresh latent cache (as the engine's
-    prefill, which embeds token ids itself and so cannot take image embeddings)."""
-    model = nnx.merge(graphdef, state)
-    lang = model.language
-    b, t = tokens_bt.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cache = init_cache(lang.config.num_hidden_layers, b, num_slots, lang.config, lang.dtype)
-    runner = _Runner(lang, positions, num_slots, fresh=True, attention="naive", dispatch=dispatch)
-    x = model.embed(tokens_bt, pixels, source)
-    first = 0
-    for stack, count in ((lang.dense_layers, lang.config.first_k_dense_replace), (lang.moe_layers, None)):
-        if stack is not None:
-            x, cache = _scan_cached(stack, x, cache, first, runner)
-            first += count or 0
-    return lang.logits(lang.final_norm(x))[:, -1], cache
+def render_vl_chat(
+    messages: Sequence[Mapping], *, add_generation_prompt: bool = True, eos: str = DEEPSEEK_EOS
+) -> tuple[str, list]:
+    """DeepSeek-VL2's ``deepseek`` conversation format; returns ``(text with <image> markers, images in order)``.
+
+    ``messages``: ``{"role": system|user|assistant, "content": str, "images": [...]}`` (``images`` optional).
+    The text is ``{system}\\n\\n`` (when given), then per turn ``<|User|>: {content}\\n\\n`` and
+    ``<|Assistant|>: {content}{eos}``; with ``add_generation_prompt`` it ends with ``<|Assistant|>:`` for the
+    model to continue (VL2's ``get_prompt`` with an empty last assistant message). A message with images but no
+    ``<image>`` marker gets one marker line per image in front of its text (VL2 users write ``<image>\\n...``).
+
+    Raises:
+      ValueError: an unknown role, a system message after the first turn, or more markers than images.
+    """
+    text, images = "", []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), str(message.get("content", ""))
+        pics = list(message.get("images") or ())
+        markers = content.count(IMAGE_MARKER)
+        if pics and not markers:
+            content, markers = (IMAGE_MARKER + "\n") * len(pics) + content, len(pics)
+        if markers != len(pics):
+            raise ValueError(f"message {i} has {markers} {IMAGE_MARKER!r} marker(s) but {len(pics)} image(s)")
+        images.extend(pics)
+        if role == "system":
+            if i:
+                raise ValueError("a system message must come first")
+            text += content + "\n\n" if content else ""
+        elif role == "user":
+            text += f"{VL2_USER}: {content}\n\n"
+        elif role == "assistant":
+            text += f"{VL2_ASSISTANT}: {content}{eos}"
+        else:
+            raise ValueError(f"message {i}: role {role!r} is not one of system, user, assistant")
+    if add_generation_prompt:
+        text += f"{VL2_ASSISTANT}:"
+    return text, images
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "dispatch"), donate_argnames=("cache",))
-def _decode_step(graphdef, state, token_b, position_b, cache, attention: str, dispatch: str):
-    lang = nnx.merge(graphdef, state)
-    logits, _, cache = forward_cached(
-        lang, token_b[:, None], position_b[:, None], cache, attention=attention, dispatch=dispatch
+def encode_vl_chat(processor: VLProcessor, messages: Sequence[Mapping], **options) -> VLInputs:
+    """:func:`render_vl_chat` then the processor: one conversation's :class:`VLInputs`."""
+    cropping = options.pop("cropping", None)
+    text, images = render_vl_chat(messages, **options)
+    return processor(text, images, cropping=cropping)
+
+
+# ---- generation with images ---------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed(graphdef, state, tokens_bt, pixels, source):
+    return nnx.merge(graphdef, state).embed(tokens_bt, pixels, source)
+
+
+def _merge_batches(batches: Sequence[ImageBatch], per_tile: int) -> ImageBatch:
+    """One :class:`ImageBatch` of several (rows in order): feature indices move past the earlier batches' tiles,
+    newline / separator indices to the merged table's last two rows."""
+    total = sum(len(b.pixels) for b in batches) * per_tile
+    parts, offset = [], 0
+    for b in batches:
+        features = len(b.pixels) * per_tile
+        parts.append(np.where(b.source < features, b.source + offset, b.source - features + total))
+        offset += features
+    return ImageBatch(
+        np.concatenate([b.pixels for b in batches]),
+        np.concatenate(parts).astype(np.int32),
+        tuple(n for b in batches for n in b.num_tokens),
     )
-    return logits[:, 0], cache
+
+
+def prefill_embeddings(model, tokens_bt: np.ndarray, lengths_b: np.ndarray, images) -> jax.Array | None:
+    """The prefill inputs ``[B, T, d]`` of a right-padded prompt batch: token embeddings with each prompt's images
+    written over its placeholder runs (None when no prompt has images: the plain embedding lookup then serves).
+
+    Args:
+      model: a :class:`~dsjax.vision.model.VisionLanguageModel`.
+      tokens_bt: the padded ids ``[B, T]``; rows past ``len(lengths_b)`` are batch padding.
+      lengths_b: each prompt's length (placeholders must lie within it).
+      images: None, or one entry per prompt: a sequence of :class:`~dsjax.vision.processing.ProcessedImage`
+        (or one :class:`~dsjax.vision.model.ImageBatch`), None or empty for a prompt without images.
+
+    Raises:
+      ValueError / TypeError: naming the prompt, when its placeholders and images disagree or an image is not
+        processed (see :meth:`~dsjax.vision.model.VisionLanguageModel.check_images`).
+    """
+    tokens_bt = np.asarray(tokens_bt)
+    image_id = model.config.image_token_id
+    if images is None:
+        images = [None] * len(lengths_b)
+    elif isinstance(images, ImageBatch | ProcessedImage | str) or not isinstance(images, Sequence):
+        raise TypeError("images must be a list with one entry (a list of processed images) per prompt")
+    if len(images) != len(lengths_b):
+        raise ValueError(f"{len(images)} image lists for {len(lengths_b)} prompts (give one per prompt)")
+    batches = []
+    for i, entry in enumerate(images):
+        if isinstance(entry, ProcessedImage):
+            entry = [entry]
+        try:
+            batch = model.check_images(tokens_bt[i : i + 1, : int(lengths_b[i])], entry)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"prompt {i}: {e}") from None
+        if batch is not None:
+            batches.append(batch)
+    if not batches:
+        return None
+    batch = _merge_batches(batches, model.config.tiling.tokens_per_side**2)
+    if image_id is not None and int(np.sum(tokens_bt == image_id)) != len(batch.source):
+        raise ValueError(f"the image placeholder id {image_id} also appears in the padding of the prompt batch")
+    graphdef, state = nnx.split(model)
+    return _embed(graphdef, state, jnp.asarray(tokens_bt), jnp.asarray(batch.pixels), jnp.asarray(batch.source))
 
 
 def generate_greedy(
@@ -144,8 +228,8 @@ def generate_greedy(
     attention: str = "absorbed",
     dispatch: str = "auto",
 ) -> list[int]:
-    """Greedy continuation of one prompt with images: a prefill of the image-spliced embeddings into the latent
-    cache, then one cached decode step per token (the engine's :func:`~dsjax.infer.forward.forward_cached`).
+    """Greedy continuation of one prompt with images: :func:`dsjax.infer.generate` at temperature 0 (a prefill of
+    the image-spliced embeddings into the latent cache, then the cached decode loop).
 
     Args:
       model: a :class:`~dsjax.vision.model.VisionLanguageModel`.
@@ -153,26 +237,15 @@ def generate_greedy(
       images: its processed images or their :class:`~dsjax.vision.model.ImageBatch`.
       stop_tokens: ids that end generation (included in the output); default the language config's EOS.
 
-    Returns the generated ids. Rows are decoded one prompt at a time, in a Python loop of jitted steps.
+    Returns the generated ids.
     """
-    cfg = model.config.language
-    tokens = check_tokens(np.asarray(tokens)[None], cfg)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    t = tokens.shape[1]
-    if t + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"{t} prompt + {max_new_tokens} new tokens exceed {cfg.max_position_embeddings} positions")
-    batch = model.check_images(tokens, images)
-    stop = set(stop_tokens if stop_tokens is not None else () if cfg.eos_token_id is None else (cfg.eos_token_id,))
-    pixels, source = (None, None) if batch is None else (jnp.asarray(batch.pixels), jnp.asarray(batch.source))
-    graphdef, state = nnx.split(model)
-    num_slots = -(-(t + max_new_tokens) // 32) * 32  # a multiple of 32: nearby lengths share a compiled program
-    logits, cache = _prefill(graphdef, state, tokens, pixels, source, num_slots, dispatch)
-    lang_graphdef, lang_state = nnx.split(model.language)
-    out = [int(jnp.argmax(logits[0]))]
-    while len(out) < max_new_tokens and out[-1] not in stop:
-        position = jnp.full((1,), t + len(out) - 1, jnp.int32)
-        token = jnp.asarray([out[-1]], jnp.int32)
-        logits, cache = _decode_step(lang_graphdef, lang_state, token, position, cache, attention, dispatch)
-        out.append(int(jnp.argmax(logits[0])))
-    return out
+    from dsjax.infer.engine import generate  # here: dsjax.infer imports this module lazily
+
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be one prompt's ids [t], got shape {tokens.shape}")
+    entry = None if images is None else images if isinstance(images, ImageBatch) else list(images)
+    return generate(
+        model, [tokens], images=[entry], max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=stop_tokens,
+        attention=attention, dispatch=dispatch,
+    )[0]  # fmt: skip
