@@ -93,11 +93,15 @@ def _dsjax(args, hf, prompts) -> dict:
 
 def _trl(args, hf, prompts) -> dict:
     import torch
-    from datasets import Dataset
+
+    try:
+        from datasets import Dataset
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"bench.py grpo needs the peer, TRL ({e.name} is missing): pip install -e '.[bench]'") from e
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from trl import GRPOConfig as TRLConfig
-    from trl import GRPOTrainer
 
     vocab = {str(i): i for i in range(hf.config.vocab_size)}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="0"))

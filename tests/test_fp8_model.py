@@ -351,7 +351,9 @@ def _run_script(args: list[str], timeout: int) -> dict:
 
 def test_fp8_vs_bf16_script(tmp_path):
     """The comparison script trains bf16 and FP8 on the same data and reports the final-loss gap and a plot."""
-    sets = ["train.steps=4", "train.batch_size=4", "train.seq_len=32", "train.checkpoint_every=100"]
+    sets = ["train.steps=4", "train.batch_size=4", "train.seq_len=32", "train.checkpoint_every=100",
+            "model.num_hidden_layers=2", "model.n_routed_experts=8", "model.n_group=2",
+            "model.topk_group=1"]  # fmt: skip
     args = ["scripts/fp8_vs_bf16.py", "--out", str(tmp_path), "--quiet", "--json", "--window", "4"]
     result = _run_script([*args, "--noise-seed", "-1", *(a for s in sets for a in ("--set", s))], timeout=600)
     assert result["steps"] == 4 and os.path.exists(result["plot"])
