@@ -1,8 +1,10 @@
 """The GRPO loop: sample questions, roll out G completions each with the KV-cache engine, score them with rule
 rewards, and update the policy ``mu`` times per rollout; metrics, plots, checkpoints and exact resume.
 
-Question sampling depends only on (seed, step) and rollouts on (seed, step) too, so a resumed run continues
-exactly as the uninterrupted one would.
+Question sampling and rollouts depend only on (seed, round, attempt), so a resumed run continues exactly as the
+uninterrupted one would. With ``GRPOConfig.dynamic_sampling`` (DAPO) a round keeps drawing further prompts
+(``attempt`` 1, 2, ...: one batched ``generate`` call each) until it holds ``questions`` groups whose rewards
+differ, and trains on those alone: a group of equal rewards has zero advantage and would only dilute the loss.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -22,8 +25,8 @@ from flax import nnx
 from dsjax.checkpoint.hf import save_pretrained
 from dsjax.data.tokenizer import Tokenizer
 from dsjax.infer.engine import generate
-from dsjax.rl.grpo import GRPOConfig, group_advantages
-from dsjax.rl.rewards import format_reward, score
+from dsjax.rl.grpo import GRPOConfig, group_advantages, overlong_penalty
+from dsjax.rl.rewards import Reward, format_reward, score
 from dsjax.rl.step import build_batch, make_grpo_step, make_logprob_fn
 from dsjax.rl.tasks import Problem, Task
 from dsjax.train.checkpoint import TrainCheckpointer
@@ -72,6 +75,115 @@ class Rollout(NamedTuple):
     fields: dict  # reward fields, one entry per completion
 
 
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """One rollout from several (in order)."""
+    fields = {k: [v for p in parts for v in p.fields[k]] for k in parts[0].fields}
+    return Rollout(*([x for p in parts for x in getattr(p, name)] for name in Rollout._fields[:4]), fields)
+
+
+def select_groups(r: Rollout, groups: list[int], G: int) -> Rollout:
+    """The completions of the given groups (consecutive runs of ``G``), in the given order."""
+    idx = [g * G + i for g in groups for i in range(G)]
+    pick = lambda xs: [xs[i] for i in idx]
+    return Rollout(pick(r.prompts), pick(r.completions), pick(r.logprobs), pick(r.texts),
+                   {k: pick(v) for k, v in r.fields.items()})  # fmt: skip
+
+
+def informative_groups(total: np.ndarray, G: int) -> np.ndarray:
+    """Per group of ``G``: do its (non-NaN) rewards differ? Groups that do not have zero advantage."""
+    groups = np.asarray(total, np.float64).reshape(-1, G)
+    valid = ~np.isnan(groups)
+    hi = np.where(valid, groups, -np.inf).max(axis=1)
+    lo = np.where(valid, groups, np.inf).min(axis=1)
+    return (valid.sum(axis=1) >= 2) & (hi > lo)
+
+
+class Sampled(NamedTuple):
+    """One generate call's scored rollout: ``total`` rewards and each function's (see :func:`score`)."""
+
+    rollout: Rollout
+    total: np.ndarray
+    per_fn: dict[str, np.ndarray]
+
+
+def sample_informative(sample: Callable[[int, int], Sampled], *, G: int, questions: int, dynamic: bool,
+                       max_rounds: int, batch_multiple: int = 1) -> tuple[Sampled, Sampled, dict]:  # fmt: skip
+    """DAPO's dynamic sampling, independent of the model: ``sample(attempt, n)`` rolls out ``n`` prompts (drawn
+    from ``attempt``'s own stream) with ``G`` completions each in one batched call.
+
+    Attempt 0 draws ``questions`` prompts. Without ``dynamic`` its groups are trained on as they are. With it,
+    only groups whose rewards differ are kept, and while fewer than ``questions`` are kept, up to ``max_rounds``
+    further attempts each draw enough prompts for the missing groups at the round's observed informative rate
+    (at least half of ``questions``, at most 4 times it, rounded up to fill the engine's power-of-two batch in
+    rows that are multiples of ``batch_multiple``); the first ``questions`` informative groups are trained on. A
+    round that ends with fewer trains on those (a warning is logged).
+
+    Returns:
+      ``(first, train, stats)``: attempt 0's rollout (an unbiased sample of the policy, for the reward metrics),
+      the groups to train on, and ``ds_*`` statistics (generate calls, groups sampled / kept, informative rate).
+
+    Raises:
+      RuntimeError: ``dynamic`` and no group with a reward spread in any attempt.
+    """
+    first = sample(0, questions)
+    if not dynamic:
+        return first, first, {}
+    parts, keep = [first], informative_groups(first.total, G)
+    sampled, kept = len(keep), int(keep.sum())
+    attempt = 0
+    while kept < questions and attempt < max_rounds:
+        attempt += 1
+        rate = max(kept, 1) / sampled  # optimistic when nothing was informative yet: the bound caps the cost
+        # At least half a round's prompts: fewer distinct batch sizes, so fewer compiled decode variants.
+        n = int(min(max(-(-(questions - kept) // rate), -(-questions // 2)), 4 * questions))
+        rows = 1 << (n * G - 1).bit_length()  # the engine pads the batch to a power of two: fill it
+        n = max(n, (-(-rows // batch_multiple) * batch_multiple) // G)
+        part = sample(attempt, n)
+        parts.append(part)
+        flags = informative_groups(part.total, G)
+        keep = np.concatenate([keep, flags])
+        sampled, kept = sampled + len(flags), kept + int(flags.sum())
+    if kept == 0:
+        raise RuntimeError(
+            f"dynamic sampling found no group whose rewards differ in {attempt + 1} generate calls ({sampled} "
+            f"groups of {G}): every completion of a group got the same reward. The task is too hard or too easy "
+            "for the policy, or a reward function is constant; raise max_resample_rounds or check the rewards."
+        )
+    if kept < questions:
+        logging.getLogger(__name__).warning("dynamic sampling: %d of %d informative groups after %d generate calls",
+                                            kept, questions, attempt + 1)  # fmt: skip
+    chosen = [int(i) for i in np.flatnonzero(keep)[:questions]]
+    whole = concat_rollouts([p.rollout for p in parts])
+    total = np.concatenate([p.total for p in parts])
+    per_fn = {k: np.concatenate([p.per_fn[k] for p in parts]) for k in first.per_fn}
+    idx = np.asarray([g * G + i for g in chosen for i in range(G)])
+    train = Sampled(select_groups(whole, chosen, G), total[idx], {k: v[idx] for k, v in per_fn.items()})
+    stats = dict(ds_generate_calls=attempt + 1, ds_groups_sampled=sampled, ds_groups_informative=kept,
+                 ds_groups_trained=len(chosen), ds_informative_frac=kept / sampled)  # fmt: skip
+    return first, train, stats
+
+
+def score_rollout(rewards: list[Reward], r: Rollout, cfg: GRPOConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Total reward per completion and each function's values (:func:`~dsjax.rl.rewards.score`), plus DAPO's soft
+    overlong punishment on the generated token counts (stop token included) when ``cfg.overlong_buffer`` is set,
+    reported as its own column ``overlong``."""
+    total, per_fn = score(rewards, r.prompts, r.texts, r.fields)
+    if cfg.overlong_buffer:
+        penalty = overlong_penalty([len(c) for c in r.completions], cfg)
+        per_fn["overlong"] = penalty
+        total = total + penalty  # a NaN total (every function skipped the item) stays NaN
+    return total, per_fn
+
+
+def sampling_seeds(seed: int, rnd: int, attempt: int) -> tuple[np.random.Generator, int]:
+    """The prompt generator and the rollout seed of ``(seed, round, attempt)``; attempt 0 keeps the streams of
+    runs without dynamic sampling."""
+    if attempt == 0:
+        return np.random.default_rng([seed, rnd]), seed * 1_000_003 + rnd
+    ss = np.random.SeedSequence([seed, rnd, attempt])
+    return np.random.default_rng(ss), int(ss.generate_state(1, np.uint32)[0] >> 1)  # a non-negative int32
+
+
 def encode_question(tokenizer: Tokenizer, template: str, question: str) -> list[int]:
     return [tokenizer.bos_id, *tokenizer.encode(template.format(question=question))]
 
@@ -91,16 +203,21 @@ def rollout(model, tokenizer: Tokenizer, problems: list[Problem], cfg: GRPOConfi
 
 def evaluate(model, tokenizer, task: Task, cfg: GRPOConfig, template: str, *, problems: int = 64,
              samples: int = 4, seed: int = 1234) -> dict:  # fmt: skip
-    """Held-out pass@1 (mean accuracy of ``samples`` completions per problem at the rollout temperature) and
-    format rate."""
+    """Held-out pass@1 (mean accuracy of ``samples`` completions per problem at the rollout temperature), format
+    rate and mean completion length; ``transcripts`` lists every completion (question, reference answer, text,
+    accuracy, format), problem by problem, for reading what the model writes."""
     probs = task.sample(problems, "heldout", np.random.default_rng(seed))
     r = rollout(model, tokenizer, probs, cfg, template, seed, samples=samples)
     accuracy = task.rewards()[0]
     acc = np.asarray([np.nan if v is None else v for v in accuracy.fn(r.prompts, r.texts, **r.fields)], float)
     fmt = np.asarray(format_reward(r.prompts, r.texts), float)
     lengths = [len(c) for c in r.completions]
+    questions = [p.question for p in probs for _ in range(samples)]
+    answers = [p.answer for p in probs for _ in range(samples)]
+    transcripts = [dict(question=q, answer=a, completion=t, accuracy=float(x), format=float(f))
+                   for q, a, t, x, f in zip(questions, answers, r.texts, acc, fmt)]  # fmt: skip
     return dict(pass1=float(np.nanmean(acc)), format=float(fmt.mean()), length=float(np.mean(lengths)),
-                example=r.texts[0])  # fmt: skip
+                example=r.texts[0], transcripts=transcripts)  # fmt: skip
 
 
 def _optimizer(tc: RLTrainConfig, cfg: GRPOConfig, params) -> optax.GradientTransformation:
@@ -127,9 +244,10 @@ def train_grpo(model, tokenizer: Tokenizer, task: Task, cfg: GRPOConfig, tc: RLT
     tx = _optimizer(tc, cfg, nnx.state(model, nnx.Param))
     graphdef, state = init_train_state(model, tx)
     ref_params = jax.tree.map(jnp.copy, state.params) if cfg.beta > 0 else None  # frozen reference policy
-    logprob = make_logprob_fn(graphdef)
+    # The trained policy is the sampling one, softmax(logits / T): old, reference and current log-probs alike.
+    logprob = make_logprob_fn(graphdef, temperature=cfg.temperature)
     num_seqs = tc.questions * cfg.G
-    step_fn = make_grpo_step(graphdef, cfg, tx, num_seqs)
+    step_fn = make_grpo_step(graphdef, cfg, tx, num_seqs, temperature=cfg.temperature)
     ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep_checkpoints,
                              every=tc.checkpoint_every)  # fmt: skip
     start = 0
@@ -148,14 +266,24 @@ def train_grpo(model, tokenizer: Tokenizer, task: Task, cfg: GRPOConfig, tc: RLT
         try:
             for rnd in range(start, tc.steps):
                 t0 = time.perf_counter()
-                problems = task.sample(tc.questions, "train", np.random.default_rng([tc.seed, rnd]))
                 policy = nnx.merge(graphdef, state.params, state.rest)
-                r = rollout(policy, tokenizer, problems, cfg, tc.template, seed=tc.seed * 1_000_003 + rnd)
+
+                def sample(attempt: int, n: int, rnd=rnd, policy=policy) -> Sampled:
+                    rng, seed = sampling_seeds(tc.seed, rnd, attempt)
+                    r = rollout(policy, tokenizer, task.sample(n, "train", rng), cfg, tc.template, seed=seed)
+                    return Sampled(r, *score_rollout(rewards, r, cfg))
+
+                first, train, ds_stats = sample_informative(sample, G=cfg.G, questions=tc.questions,
+                                                            dynamic=cfg.dynamic_sampling,
+                                                            max_rounds=cfg.max_resample_rounds)  # fmt: skip
+                r, total = train.rollout, train.total
                 t1 = time.perf_counter()
-                total, per_fn = score(rewards, r.prompts, r.texts, r.fields)
                 adv = group_advantages(jnp.asarray(total), cfg.G, scale=cfg.scale_rewards)
-                if row_len is None:  # fixed: room for two of the longest possible sequences, a multiple of 64
-                    row_len = -(-2 * (max(map(len, r.prompts)) + cfg.max_completion_length) // 64) * 64
+                if len(total) < num_seqs:  # a short dynamic-sampling round: the missing completions are absent
+                    adv = jnp.pad(adv, (0, num_seqs - len(total)))
+                # Room for two of the longest possible sequences, a multiple of 64; grows only if a prompt is longer.
+                need = -(-2 * (max(map(len, r.prompts)) + cfg.max_completion_length) // 64) * 64
+                row_len = need if row_len is None else max(row_len, need)
                 batch = build_batch(r.prompts, r.completions, row_len=row_len, completion_logprobs=r.logprobs)
                 batch["advantages"] = adv
                 if cfg.mu > 1:  # several iterations: the rollout policy's log-probs stay fixed across them
@@ -165,12 +293,15 @@ def train_grpo(model, tokenizer: Tokenizer, task: Task, cfg: GRPOConfig, tc: RLT
                 for _ in range(cfg.mu):
                     state, metrics = step_fn(state, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                groups = total.reshape(-1, cfg.G)
-                record = dict(step=rnd + 1, reward=float(np.nanmean(total)), reward_std=float(np.nanstd(total)),
-                              frac_reward_zero_std=float(np.mean(np.nanstd(groups, axis=1) == 0)),
-                              completion_length=float(np.mean([len(c) for c in r.completions])),
-                              rollout_s=t1 - t0, step_s=time.perf_counter() - t0, **metrics)  # fmt: skip
-                for name, values in per_fn.items():
+                # Reward statistics describe the policy: attempt 0's prompts, before any informative-group filter.
+                first_total = first.total
+                record = dict(step=rnd + 1, reward=float(np.nanmean(first_total)),
+                              reward_std=float(np.nanstd(first_total)),
+                              frac_reward_zero_std=float(np.mean(~informative_groups(first_total, cfg.G))),
+                              completion_length=float(np.mean([len(c) for c in first.rollout.completions])),
+                              reward_trained=float(np.nanmean(total)), rollout_s=t1 - t0,
+                              step_s=time.perf_counter() - t0, **ds_stats, **metrics)  # fmt: skip
+                for name, values in first.per_fn.items():
                     record[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
                     record[f"reward/{name}_std"] = float(np.nanstd(values)) if np.isfinite(values).any() else 0.0
                 stop = guard.check(rnd + 1)  # after every round, as the sync service requires
