@@ -8,7 +8,6 @@ are unchanged; only the forward/backward runs as `PipelinedLoss` over the ``stag
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -18,8 +17,7 @@ from dsjax.config import ModelConfig
 from dsjax.pipeline.model import PipelinedLoss
 from dsjax.pipeline.schedules import Schedule
 from dsjax.train.config import TrainConfig
-from dsjax.train.optim import learning_rate
-from dsjax.train.step import TrainState, _update_biases
+from dsjax.train.step import TrainState, apply_gradients
 
 STAGE_AXIS = "stage"
 
@@ -43,44 +41,11 @@ def make_pipeline_train_step(
     mesh: Mesh,
 ):
     """The pipelined step function (not yet jitted; see `dsjax.train.step.jit_train_step`)."""
-    lr_schedule = learning_rate(cfg)
-    use_bias = model_cfg.has_routing_bias and cfg.bias_gamma > 0
     loss = PipelinedLoss(graphdef, model_cfg, cfg, schedule, mesh=mesh, batch_rows=cfg.batch_size)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         total, aux, grads = loss.loss_and_grad(state.params, state.rest, batch)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        rest = state.rest
-        if use_bias and aux["load"] is not None:
-            rest = _update_biases(rest, aux["load"], model_cfg, cfg.bias_gamma)
-
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep_if_finite(params, state.params),
-            rest=keep_if_finite(rest, state.rest),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
-            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
-            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-        )
-        metrics = dict(
-            loss=total,
-            ce=aux["ce"],
-            mtp=aux["mtp"],
-            balance=aux["balance"],
-            grad_norm=grad_norm,
-            lr=lr_schedule(state.step),
-            finite=finite,
-            tokens=aux["tokens"],
-        )
-        if aux["load"] is not None:
-            metrics["load"] = aux["load"]
-        return new_state, metrics
+        return apply_gradients(state, total, aux, grads, tx, model_cfg, cfg)
 
     step.pipelined_loss = loss
     return step

@@ -41,18 +41,25 @@ def optimizer_shardings(tx: optax.GradientTransformation, params):
     counts) replicated. ``params`` leaves are arrays or ``ShapeDtypeStruct`` carrying a ``sharding``.
 
     ``jax.jit(tx.init)`` alone leaves the choice to the partitioner, which replicates the moments (zeros need no
-    input): on a 512-chip slice that is the difference between fitting and not."""
+    input): on a 512-chip slice that is the difference between fitting and not. An optimizer whose state is
+    not shaped like the parameters (``optax.flatten``) is refused: its moments cannot be placed like them."""
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     first = jax.tree.leaves(param_shardings)[0]
     scalar = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
-    return optax.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        jax.eval_shape(tx.init, params),
-        param_shardings,
-        transform_non_params=lambda _: scalar,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
-    )
+    try:
+        return optax.tree_map_params(
+            tx,
+            lambda _, sharding: sharding,
+            jax.eval_shape(tx.init, params),
+            param_shardings,
+            transform_non_params=lambda _: scalar,
+            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"cannot shard this optimizer's state like the parameters ({e}); an optimizer over flattened "
+            "parameters (optax.flatten) is for single-device states"
+        ) from e
 
 
 def _check_trainable(params) -> None:
@@ -69,7 +76,10 @@ def init_train_state(model: Transformer, tx: optax.GradientTransformation) -> tu
     parameter (see :func:`optimizer_shardings`)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     _check_trainable(params)
-    opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params))(params)
+    # Parameters on one device need no placement (and an optimizer over flattened parameters, optax.flatten,
+    # has no per-parameter moments to place).
+    one_device = all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params))
+    opt_state = jax.jit(tx.init, out_shardings=None if one_device else optimizer_shardings(tx, params))(params)
     zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers: the state is donated
     return graphdef, TrainState(zeros[0], params, rest, opt_state, zeros[1], zeros[2])
 
@@ -115,8 +125,6 @@ def make_train_step(
     ``("language",)``. ``model_cfg`` is the language model's config.
     """
     depth = model_cfg.num_nextn_predict_layers
-    schedule = learning_rate(cfg)
-    use_bias = model_cfg.has_routing_bias and cfg.bias_gamma > 0
 
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
@@ -171,43 +179,61 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest, batch)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        rest = state.rest
-        if use_bias and aux["load"] is not None:
-            rest = _update_biases(rest, aux["load"], model_cfg, cfg.bias_gamma, language_path)
-
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        run = jnp.where(finite, 0, state.nonfinite_run + 1)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep_if_finite(params, state.params),
-            rest=keep_if_finite(rest, state.rest),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
-            nonfinite_run=run,
-            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-        )
-        metrics = dict(
-            loss=loss,
-            ce=aux["ce"],
-            mtp=aux["mtp"],
-            balance=aux["balance"],
-            grad_norm=grad_norm,
-            lr=schedule(state.step),
-            finite=finite,
-            tokens=aux["tokens"],
-        )
-        if aux["load"] is not None:
-            metrics["load"] = aux["load"]
-        if "moe_dropped" in aux:
-            metrics["moe_dropped"] = aux["moe_dropped"]
-        return new_state, metrics
+        return apply_gradients(state, loss, aux, grads, tx, model_cfg, cfg, language_path=language_path)
 
     return step
+
+
+def apply_gradients(
+    state: TrainState,
+    loss: jax.Array,
+    aux: dict,
+    grads,
+    tx: optax.GradientTransformation,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    language_path=(),
+) -> tuple[TrainState, dict]:
+    """The update half of a train step, shared by every way of computing ``(loss, aux, grads)`` (the plain
+    step, the pipelined one): the optimizer step, the routing-bias rule from ``aux["load"]``, non-finite
+    skipping (a step whose loss or gradient norm is not finite changes nothing but the counters) and the
+    metrics. ``aux`` holds ``ce``, ``mtp``, ``balance``, ``tokens``, ``load`` (or None) and optionally
+    ``moe_dropped``."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rest = state.rest
+    if model_cfg.has_routing_bias and cfg.bias_gamma > 0 and aux["load"] is not None:
+        rest = _update_biases(rest, aux["load"], model_cfg, cfg.bias_gamma, language_path)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_if_finite(params, state.params),
+        rest=keep_if_finite(rest, state.rest),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(
+        loss=loss,
+        ce=aux["ce"],
+        mtp=aux["mtp"],
+        balance=aux["balance"],
+        grad_norm=grad_norm,
+        lr=learning_rate(cfg)(state.step),
+        finite=finite,
+        tokens=aux["tokens"],
+    )
+    if aux["load"] is not None:
+        metrics["load"] = aux["load"]
+    if "moe_dropped" in aux:
+        metrics["moe_dropped"] = aux["moe_dropped"]
+    return new_state, metrics
 
 
 def _dropped_fraction(routing: Routing, model_cfg: ModelConfig, cfg: TrainConfig, tokens: int):
