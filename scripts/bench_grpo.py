@@ -25,7 +25,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", type=int, default=4)
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--completion-len", type=int, default=32)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per side (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per side (after one warm-up step)")
 
 
 def _digits(prompts, completions, **_):

@@ -73,7 +73,7 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], *, pack:
     return out
 
 
-def token_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk: int = 0,
+def token_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk: int = 0, completion_tokens: int = 0,
                    **forward_options) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """fp32 ``log pi(target)`` per token and the policy's entropy per token, ``[rows, T]`` each.
 
@@ -84,6 +84,14 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk: int =
     the backward (:func:`~dsjax.train.losses.chunked_token_logprobs`: the whole fp32 logits never exist, as
     pretraining's ``train.loss_chunk``). ``forward_options`` go to ``model.forward`` (``dispatch``,
     ``attention``, ``remat``, ``layers``).
+
+    ``completion_tokens > 0``: the head runs only at the completion targets (``seq >= 0``), gathered from all
+    rows into ``completion_tokens`` slots (an upper bound on their count, e.g. completions x max length);
+    other positions get log-prob and entropy 0, which the GRPO loss never reads. Prompt positions and packing
+    padding are then free in the head, the largest matmul of a small model. More completion targets than slots
+    would be silently wrong, so the log-probs become NaN (the update then skips the step, counted);
+    :func:`make_grpo_step` checks host batches before that. The gather crosses rows: use it with a batch that
+    is not split over devices.
     """
     out = model.forward(
         batch["tokens"],
@@ -92,6 +100,8 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk: int =
         compute_logits=False,
         **forward_options,
     )
+    if completion_tokens:
+        return _completion_logprobs(model, out.hidden, batch, completion_tokens, temperature, chunk)
     if chunk:
         return chunked_token_logprobs(
             out.hidden, model.lm_head[...], batch["targets"], chunk=chunk, temperature=temperature
@@ -103,21 +113,42 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk: int =
     return logp, entropy
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, chunk: int = 0, **forward_options):
+def _completion_logprobs(model, hidden_btd, batch, slots: int, temperature: float, chunk: int):
+    """:func:`token_logprobs` with the head at the completion targets only (see ``completion_tokens``)."""
+    shape = batch["seq"].shape
+    slots = min(slots, shape[0] * shape[1])
+    is_completion = (batch["seq"] >= 0).reshape(-1)
+    (index,) = jnp.nonzero(is_completion, size=slots, fill_value=0)
+    used = jnp.arange(slots) < is_completion.sum()
+    hidden = hidden_btd.reshape(-1, hidden_btd.shape[-1])[index][None]
+    targets = batch["targets"].reshape(-1)[index][None]
+    logp, entropy = chunked_token_logprobs(hidden, model.lm_head[...], targets, chunk=chunk, temperature=temperature)
+
+    def scatter(x):  # unused slots point at position 0 with 0 added: they change nothing
+        return jnp.zeros(is_completion.shape, x.dtype).at[index].add(jnp.where(used, x[0], 0.0)).reshape(shape)
+
+    overflow = is_completion.sum() > slots
+    return jnp.where(overflow, jnp.nan, scatter(logp)), scatter(entropy)
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, chunk: int = 0, completion_tokens: int = 0,
+                    **forward_options):  # fmt: skip
     """Jitted ``(params, rest, batch) -> logp [rows, T]`` (old and reference log-probs, no gradient); the
-    ``temperature``, ``chunk`` and forward options must be the update's (:func:`make_grpo_step`)."""
+    ``temperature``, ``chunk``, ``completion_tokens`` and forward options must be the update's
+    (:func:`make_grpo_step`)."""
 
     @jax.jit
     def fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        return token_logprobs(model, batch, temperature=temperature, chunk=chunk, **forward_options)[0]
+        return token_logprobs(model, batch, temperature=temperature, chunk=chunk,
+                              completion_tokens=completion_tokens, **forward_options)[0]  # fmt: skip
 
     return fn
 
 
 def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTransformation, num_seqs: int, *,
-                   temperature: float = 1.0, logprob_chunk: int = 0, forward_options: dict | None = None,
-                   state_shardings=None, batch_shardings=None):  # fmt: skip
+                   temperature: float = 1.0, logprob_chunk: int = 0, completion_tokens: int = 0,
+                   forward_options: dict | None = None, state_shardings=None, batch_shardings=None):  # fmt: skip
     """The jitted, state-donating update. ``batch`` adds to :func:`build_batch`'s arrays ``advantages``
     (``[num_seqs]``), ``old_logp`` (``[rows, T]``; omitted when ``mu == 1``) and ``ref_logp`` (when
     ``beta > 0``). A non-finite loss or gradient leaves the state unchanged (counted, as in pretraining).
@@ -133,6 +164,9 @@ def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTr
     ``ref_logp``) makes the trained policy the sampling one and the sampler-vs-trainer ratio 1 up to numerics.
     The default 1 keeps the untempered model's log-probs (the same thing at the usual ``cfg.temperature = 1``).
 
+    ``completion_tokens``: as in :func:`token_logprobs` (the head at completion targets only, for a batch on
+    one device); ``num_seqs * cfg.max_completion_length`` bounds what a rollout can hold.
+
     At scale: ``logprob_chunk`` and ``forward_options`` as in :func:`token_logprobs`; ``state_shardings`` (the
     state's, e.g. ``jax.tree.map(lambda x: x.sharding, state)``) and ``batch_shardings`` (one sharding for every
     batch array, rows split over the batch axes) pin the jitted step's layout, as the pretraining step's."""
@@ -141,9 +175,8 @@ def make_grpo_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, tx: optax.GradientTr
 
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        logp, entropy = token_logprobs(
-            model, batch, temperature=temperature, chunk=logprob_chunk, **(forward_options or {})
-        )
+        logp, entropy = token_logprobs(model, batch, temperature=temperature, chunk=logprob_chunk,
+                                       completion_tokens=completion_tokens, **(forward_options or {}))  # fmt: skip
         # With one iteration per rollout the old policy is the current one: its log-probs are this pass's,
         # without the gradient (no separate forward needed). The same holds for the reference when beta = 0.
         old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)

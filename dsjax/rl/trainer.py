@@ -221,9 +221,14 @@ def evaluate(model, tokenizer, task: Task, cfg: GRPOConfig, template: str, *, pr
 
 
 def _optimizer(tc: RLTrainConfig, cfg: GRPOConfig, params) -> optax.GradientTransformation:
+    """``optax.adamw`` as its three parts, the moments as one flat vector (``optax.flatten``): the loop's state
+    lives on one device, and one fused update of every weight beats one small update per leaf (the same
+    arithmetic, element for element)."""
     return optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(cfg.learning_rate, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask(params)),
+        optax.flatten(optax.scale_by_adam(b1=tc.b1, b2=tc.b2)),
+        optax.add_decayed_weights(tc.weight_decay, decay_mask(params)),
+        optax.scale_by_learning_rate(cfg.learning_rate),
     )
 
 
@@ -245,9 +250,12 @@ def train_grpo(model, tokenizer: Tokenizer, task: Task, cfg: GRPOConfig, tc: RLT
     graphdef, state = init_train_state(model, tx)
     ref_params = jax.tree.map(jnp.copy, state.params) if cfg.beta > 0 else None  # frozen reference policy
     # The trained policy is the sampling one, softmax(logits / T): old, reference and current log-probs alike.
-    logprob = make_logprob_fn(graphdef, temperature=cfg.temperature)
     num_seqs = tc.questions * cfg.G
-    step_fn = make_grpo_step(graphdef, cfg, tx, num_seqs, temperature=cfg.temperature)
+    # The head only at completion targets: a round's rollouts hold at most this many (prompts and packing
+    # padding skip the largest matmul of a small model).
+    head = dict(temperature=cfg.temperature, completion_tokens=num_seqs * cfg.max_completion_length)
+    logprob = make_logprob_fn(graphdef, **head)
+    step_fn = make_grpo_step(graphdef, cfg, tx, num_seqs, **head)
     ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep_checkpoints,
                              every=tc.checkpoint_every)  # fmt: skip
     start = 0
@@ -281,8 +289,10 @@ def train_grpo(model, tokenizer: Tokenizer, task: Task, cfg: GRPOConfig, tc: RLT
                 adv = group_advantages(jnp.asarray(total), cfg.G, scale=cfg.scale_rewards)
                 if len(total) < num_seqs:  # a short dynamic-sampling round: the missing completions are absent
                     adv = jnp.pad(adv, (0, num_seqs - len(total)))
-                # Room for two of the longest possible sequences, a multiple of 64; grows only if a prompt is longer.
-                need = -(-2 * (max(map(len, r.prompts)) + cfg.max_completion_length) // 64) * 64
+                # Rows fit the longest possible sequence (shorter ones share rows, first fit), a multiple of 16;
+                # they grow only if a prompt is longer. Longer rows would pack more, but attention within a row
+                # is quadratic in its length: at bench grpo's shapes rows of 2 sequences cost 1.6x rows of 1.
+                need = -(-(max(map(len, r.prompts)) + cfg.max_completion_length) // 16) * 16
                 row_len = need if row_len is None else max(row_len, need)
                 batch = build_batch(r.prompts, r.completions, row_len=row_len, completion_logprobs=r.logprobs)
                 batch["advantages"] = adv
