@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from dsjax.infer.cache import KVCache, init_cache
 from dsjax.infer.forward import first_mtp_layer, forward_cached, mtp_cached
@@ -236,10 +237,22 @@ def _decode(static: _Static, state, dstate: DecodeState, stop_ids, max_new, step
     )
 
 
+def _fetch(tree):
+    """``jax.device_get``, also of arrays split over several processes' devices (``jax.distributed``): those are
+    gathered, a collective that every process reaches together (they all run the same ``generate``)."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
+
+
 def _run(req: _Request, dstate: DecodeState, step_limit: int) -> tuple[DecodeState, bool]:
     """Decode up to ``step_limit`` in attention windows that double as the rows grow; True when finished."""
     while True:
-        position, done, step = jax.device_get((dstate.position, dstate.done, dstate.step))
+        position, done, step = _fetch((dstate.position, dstate.done, dstate.step))
         if done.all() or step >= req.max_new:
             return dstate, True
         if step >= step_limit:
@@ -361,7 +374,7 @@ def _start(req: _Request) -> DecodeState:
 
 
 def _rows(req: _Request, dstate: DecodeState, buffer: str = "out") -> list[list]:
-    out, count = jax.device_get((getattr(dstate, buffer), dstate.count))
+    out, count = _fetch((getattr(dstate, buffer), dstate.count))
     return [out[i, : count[i]].tolist() for i in range(req.num_prompts)]
 
 
