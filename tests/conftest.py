@@ -26,3 +26,11 @@ import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules holding ``slow`` tests run first (each module's tests stay together, so its fixtures are built
+    once per worker): with two xdist workers, a minutes-long test started last would leave the other worker
+    idle at the end of the run."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: order within groups kept
