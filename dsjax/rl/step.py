@@ -89,9 +89,8 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, chunk: int =
     rows into ``completion_tokens`` slots (an upper bound on their count, e.g. completions x max length);
     other positions get log-prob and entropy 0, which the GRPO loss never reads. Prompt positions and packing
     padding are then free in the head, the largest matmul of a small model. More completion targets than slots
-    would be silently wrong, so the log-probs become NaN (the update then skips the step, counted);
-    :func:`make_grpo_step` checks host batches before that. The gather crosses rows: use it with a batch that
-    is not split over devices.
+    would be silently wrong, so the log-probs become NaN instead (the update then skips the step, counted).
+    The gather crosses rows: use it with a batch that is not split over devices.
     """
     out = model.forward(
         batch["tokens"],

@@ -222,8 +222,8 @@ def evaluate(model, tokenizer, task: Task, cfg: GRPOConfig, template: str, *, pr
 
 def _optimizer(tc: RLTrainConfig, cfg: GRPOConfig, params) -> optax.GradientTransformation:
     """``optax.adamw`` as its three parts, the moments as one flat vector (``optax.flatten``): the loop's state
-    lives on one device, and one fused update of every weight beats one small update per leaf (the same
-    arithmetic, element for element)."""
+    lives on one device, and one fused update of every weight costs less than one small update per leaf (the
+    same arithmetic, element for element; 3.6 ms vs 15 ms for bench grpo's tiny model, the optimizer alone)."""
     return optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
         optax.flatten(optax.scale_by_adam(b1=tc.b1, b2=tc.b2)),
