@@ -83,30 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     if total % n:
         raise SystemExit(f"--num-processes must divide {total}")
 
-    # Before jax is imported: the CPU backend reads the device count once, when it starts. Overwrite rather than
-    # extend: the test runner's conftest exports its own XLA_FLAGS, which subprocesses inherit. Optimisation
-    # level 0 (as tests/conftest.py) halves compile time, which dominates here.
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={total // n} --xla_backend_optimization_level=0"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
+    jax = join_cluster(n, i, total, args.port, heartbeat_timeout=args.heartbeat_timeout)
     if args.compile_cache:  # restarted jobs load the executables the first one compiled
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    if n > 1:
-        # Cross-process collectives on CPU run over TCP with Gloo (jax 0.10's default for
-        # jax_cpu_collectives_implementation; set here so the test does not depend on the default). It must be
-        # set before the CPU backend starts, i.e. before the first jax.devices() or computation.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=f"localhost:{args.port}", num_processes=n, process_id=i, initialization_timeout=120,
-            heartbeat_timeout_seconds=args.heartbeat_timeout,
-        )  # fmt: skip
-    assert jax.process_count() == n and jax.process_index() == i
-    assert jax.device_count() == total and jax.local_device_count() == total // n
 
     from jax.experimental import multihost_utils
 
@@ -176,6 +157,32 @@ def main(argv: list[str] | None = None) -> int:
 
     print(json.dumps(result), flush=True)
     return 0
+
+
+def join_cluster(n: int, i: int, total: int, port: int, *, heartbeat_timeout: int = 100):
+    """Start JAX as process ``i`` of ``n`` with ``total // n`` simulated CPU devices (joining the
+    ``jax.distributed`` cluster on ``localhost:port`` when ``n > 1``) and return the ``jax`` module. Call it
+    before anything imports jax: the CPU backend reads the device count once, when it starts."""
+    # Overwrite rather than extend: the test runner's conftest exports its own XLA_FLAGS, which subprocesses
+    # inherit. Optimisation level 0 (as tests/conftest.py) halves compile time, which dominates here.
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={total // n} --xla_backend_optimization_level=0"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
+    if n > 1:
+        # Cross-process collectives on CPU run over TCP with Gloo (jax 0.10's default for
+        # jax_cpu_collectives_implementation; set here so the test does not depend on the default). It must be
+        # set before the CPU backend starts, i.e. before the first jax.devices() or computation.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=f"localhost:{port}", num_processes=n, process_id=i, initialization_timeout=120,
+            heartbeat_timeout_seconds=heartbeat_timeout,
+        )  # fmt: skip
+    assert jax.process_count() == n and jax.process_index() == i
+    assert jax.device_count() == total and jax.local_device_count() == total // n
+    return jax
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
+
+from multihost_worker import join_cluster
 
 STEPS = 3
 NUM_SEQS = 16
@@ -44,23 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if total % n:
         raise SystemExit(f"--num-processes must divide {total}")
 
-    # Before jax is imported (see tests/multihost_worker.py): overwrite the test runner's XLA_FLAGS. The persistent
-    # compilation cache comes with the environment (JAX_COMPILATION_CACHE_DIR, set by tests/conftest.py).
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={total // n} --xla_backend_optimization_level=0"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    if n > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=f"localhost:{args.port}", num_processes=n, process_id=i, initialization_timeout=120,
-            heartbeat_timeout_seconds=100,
-        )  # fmt: skip
-    assert jax.process_count() == n and jax.process_index() == i
-    assert jax.device_count() == total and jax.local_device_count() == total // n
+    jax = join_cluster(n, i, total, args.port)
+    jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py
 
     import numpy as np
     import optax

@@ -31,7 +31,7 @@ def _tail(path, n=4000) -> str:
         return f.read()[-n:]
 
 
-def _run_all(jobs: dict[str, list[str]], log_dir) -> dict[str, dict]:
+def _run_all(jobs: dict[str, list[str]], log_dir, worker: str = WORKER) -> dict[str, dict]:
     """Start every worker at once; return each one's last stdout line as JSON. If one fails or time runs out,
     kill the rest (a process whose peer died would otherwise wait in a collective) and show their stderr."""
     procs, logs = {}, {}
@@ -39,7 +39,7 @@ def _run_all(jobs: dict[str, list[str]], log_dir) -> dict[str, dict]:
         out, err = log_dir / f"{name}.out", log_dir / f"{name}.err"
         logs[name] = (out, err)
         with open(out, "w") as fo, open(err, "w") as fe:
-            procs[name] = subprocess.Popen([sys.executable, WORKER, *args], stdout=fo, stderr=fe)
+            procs[name] = subprocess.Popen([sys.executable, worker, *args], stdout=fo, stderr=fe)
 
     def report(what: str) -> str:
         parts = [what]

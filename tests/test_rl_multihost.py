@@ -8,7 +8,6 @@ import json
 import chex
 import numpy as np
 import pytest
-import test_multihost
 from rl_multihost_worker import METRICS, STEPS
 from test_multihost import WORKER, _free_port, _run_all
 
@@ -16,8 +15,7 @@ RL_WORKER = WORKER.replace("multihost_worker.py", "rl_multihost_worker.py")
 
 
 @pytest.mark.slow
-def test_two_process_grpo_update_matches_one_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(test_multihost, "WORKER", RL_WORKER)  # _run_all starts test_multihost.WORKER
+def test_two_process_grpo_update_matches_one_process(tmp_path):
     port = _free_port()
     out = {name: str(tmp_path / f"{name}.npz") for name in ("one", "eight", "two")}
     jobs = {
@@ -29,7 +27,7 @@ def test_two_process_grpo_update_matches_one_process(tmp_path, monkeypatch):
             *("--process-id", str(i), "--num-processes", "2", "--port", str(port), "--out", out["two"]),
             "--rollout",
         ]
-    res = _run_all(jobs, tmp_path)
+    res = _run_all(jobs, tmp_path, RL_WORKER)
     one, eight, procs = res["one"], res["eight"], [res["proc0"], res["proc1"]]
     params = {name: dict(np.load(path)) for name, path in out.items()}
 
