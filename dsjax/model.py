@@ -51,13 +51,18 @@ class Transformer(nnx.Module):
         d, std = cfg.hidden_size, cfg.initializer_range
         self.embed = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), param_dtype, std)
         layer = functools.partial(DecoderLayer, cfg, param_dtype=param_dtype)
+        # The stack a pipeline cuts into stages (dsjax.pipeline: the MoE layers, else the dense ones) is sharded
+        # over the `stage` mesh axis by its own logical axis name.
+        dense_axis = "layers" if cfg.num_moe_layers else "pipeline_layers"
         self.dense_layers = (
-            stacked(cfg.first_k_dense_replace, lambda r: layer(moe=False, rngs=r), rngs)
+            stacked(cfg.first_k_dense_replace, lambda r: layer(moe=False, rngs=r), rngs, axis=dense_axis)
             if cfg.first_k_dense_replace
             else None
         )
         self.moe_layers = (
-            stacked(cfg.num_moe_layers, lambda r: layer(moe=True, rngs=r), rngs) if cfg.num_moe_layers else None
+            stacked(cfg.num_moe_layers, lambda r: layer(moe=True, rngs=r), rngs, axis="pipeline_layers")
+            if cfg.num_moe_layers
+            else None
         )
         self.final_norm = config_norm(cfg, d, "embed", param_dtype)
         self.lm_head = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), param_dtype, std)

@@ -7,7 +7,8 @@ mesh axes absent from the current mesh are dropped, so the same rules serve a 1-
 
 Weight axes: ``embed`` (d), ``vocab``, ``heads`` (n_h), ``q_lora`` (d'_c), ``kv_lora`` (d_c + d_h^R for the
 joint down-projection, d_c elsewhere), ``qk_head``, ``kv_head``, ``v_head``, ``mlp`` (dense FFN width),
-``moe_mlp`` (expert FFN width), ``experts`` (N_r), ``mtp_concat`` (2d), ``layers`` (stacked-layer axis).
+``moe_mlp`` (expert FFN width), ``experts`` (N_r), ``mtp_concat`` (2d), ``layers`` (stacked-layer axis),
+``pipeline_layers`` (the stacked-layer axis of the stack that pipeline stages cut: split over ``stage``).
 Activation axes have their own names (``batch``, ``seq``, ``act_embed``, ``act_vocab``) so that weights can be
 sharded along ``embed`` (FSDP) while activations are sharded along ``batch``.
 
@@ -35,6 +36,8 @@ Rules = tuple[tuple[str, MeshAxes], ...]
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "expert")),
     ("experts", "expert"),
+    # Pipeline parallelism (dsjax.pipeline): each `stage` rank holds its stages' layers, at rest and in the step.
+    ("pipeline_layers", "stage"),
 )
 # FSDP (ZeRO-3 style): additionally split every weight along its model-width axis over all devices (`data` x
 # `expert`; expert weights, whose experts already took `expert`, over `data`); XLA gathers each weight just

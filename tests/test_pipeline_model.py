@@ -29,6 +29,7 @@ from dsjax.pipeline.model import PipelinedLoss, sequential_loss_and_grad
 from dsjax.pipeline.simulator import simulate
 from dsjax.pipeline.tables import allocate_slots, timesteps
 from dsjax.pipeline.train import make_pipeline_mesh
+from dsjax.sharding import state_shardings
 from dsjax.train.config import load_run_config
 
 TINY = [
@@ -83,7 +84,14 @@ def pipelined(name: str, ranks: int, microbatches: int, expert: int = 1):
     with jax.set_mesh(mesh):
         pl = PipelinedLoss(graphdef, run.model, run.train, schedule, mesh=mesh, batch_rows=rows)
         batch = jax.device_put(batch, NamedSharding(mesh, P(("data", "expert"))))
+        # The layer stack rests sharded over `stage` (the rules table's `pipeline_layers`), as in training.
+        params, rest = (jax.device_put(t, state_shardings(t, mesh)) for t in (params, rest))
+        for leaf in jax.tree.leaves((params["moe_layers"], rest["moe_layers"])):
+            assert leaf.sharding.spec[0] == "stage", leaf.sharding
+            assert leaf.addressable_shards[0].data.shape[0] == schedule.stages // ranks
         loss, aux, grads = jax.jit(pl.loss_and_grad)(params, rest, batch)
+    for leaf in jax.tree.leaves(grads["moe_layers"]):  # and so do its gradients: no rank gathers the whole stack
+        assert leaf.addressable_shards[0].data.shape[0] == schedule.stages // ranks, leaf.sharding
     return schedule, pl, loss, aux, grads
 
 

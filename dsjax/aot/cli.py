@@ -21,6 +21,16 @@ def _mesh_sizes(text: str) -> dict[str, int]:
     return sizes
 
 
+def _schedule(text: str):
+    """``--pipeline NAME:RANKS:MICROBATCHES`` -> the schedule (validated by its generator)."""
+    from dsjax.pipeline import GENERATORS
+
+    name, ranks, microbatches = [*text.split(":"), "", ""][:3]
+    if name not in GENERATORS or not ranks.isdigit() or not microbatches.isdigit():
+        raise ConfigError(f"--pipeline {text!r}: expected NAME:RANKS:MICROBATCHES, NAME one of {sorted(GENERATORS)}")
+    return GENERATORS[name](int(ranks), int(microbatches))
+
+
 def build(args) -> tuple:
     """``(program, target, mesh)`` from parsed arguments."""
     import jax.numpy as jnp
@@ -41,14 +51,26 @@ def build(args) -> tuple:
     tc = _build(TrainConfig, "train", d["train"])
     tgt = make_target(args.topology)
     sizes = _mesh_sizes(args.mesh) if args.mesh else {"data": 1, "expert": tgt.num_chips}
-    if sizes.get("data", 1) * sizes.get("expert", 1) * sizes.get("model", 1) != tgt.num_chips:
-        raise ConfigError(f"--mesh {sizes} does not cover the {tgt.num_chips} chips of {tgt.name}")
-    mesh = make_mesh(sizes.get("data", 1), sizes.get("expert", 1), tgt.devices, model=sizes.get("model", 1))
+    schedule = _schedule(args.pipeline) if args.pipeline else None
+    ranks = schedule.ranks if schedule else 1
+    if sizes.get("data", 1) * sizes.get("expert", 1) * sizes.get("model", 1) * ranks != tgt.num_chips:
+        raise ConfigError(f"--mesh {sizes} x {ranks} stage ranks do not cover the {tgt.num_chips} chips of {tgt.name}")
+    if schedule:
+        from dsjax.pipeline.train import make_pipeline_mesh
+
+        if args.step != "train" or sizes.get("model", 1) > 1 or args.rules != "default":
+            raise ConfigError("--pipeline: train step, --rules default, no model axis (as scripts/train.py)")
+        devices = tgt.devices[: ranks * sizes.get("data", 1) * sizes.get("expert", 1)]
+        mesh = make_pipeline_mesh(ranks, sizes.get("data", 1), sizes.get("expert", 1), devices)
+    else:
+        mesh = make_mesh(sizes.get("data", 1), sizes.get("expert", 1), tgt.devices, model=sizes.get("model", 1))
     rules = {"fsdp": FSDP_RULES, "default": DEFAULT_RULES, "fsdp+tp": combine_rules(FSDP_RULES, TP_RULES)}[args.rules]
     batch = args.batch if args.per_chip_batch is None else args.per_chip_batch * tgt.num_chips
     if batch is None:
         raise ConfigError("give --batch (global rows) or --per-chip-batch")
-    if args.step == "train":
+    if schedule:
+        program = steps.pipelined_train_program(cfg, tc, mesh, rules, schedule, batch=batch, seq=args.seq)
+    elif args.step == "train":
         program = steps.train_program(cfg, tc, mesh, rules, batch=batch, seq=args.seq)
     elif args.step == "prefill":
         program = steps.prefill_program(
@@ -81,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-chip-batch", type=int, help="batch rows per chip (instead of --batch)")
     parser.add_argument("--seq", type=int, default=4096, help="sequence length (decode: cached context)")
     parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=V|train.FIELD=V|grpo.FIELD=V")
+    parser.add_argument(
+        "--pipeline",
+        metavar="NAME:RANKS:MICROBATCHES",
+        help="train step pipelined over a `stage` mesh axis of RANKS chips (e.g. dualpipev:4:8)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--dump-hlo", metavar="PATH", help="write the compiled (optimised) HLO text here")
     args = parser.parse_args(argv)

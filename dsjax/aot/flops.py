@@ -24,7 +24,7 @@ def active_matmul_params(cfg: ModelConfig, *, mtp: bool = False) -> float:
         shape = var.get_value().shape
         if names[0] == "embed" or (names[0] == "mtp" and not mtp):
             continue
-        if len(shape) - ("layers" in axes) <= 1:  # norm scales
+        if len(shape) - ("layers" in axes or "pipeline_layers" in axes) <= 1:  # norm scales
             continue
         size = float(math.prod(shape))
         if names[-1] in _EXPERT_WEIGHTS and "experts" in axes:

@@ -6,6 +6,7 @@ run) and abstract arguments (``ShapeDtypeStruct`` with shardings), so any model 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -45,6 +46,36 @@ def train_program(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, rules: Rules, *
         cfg, functools.partial(make_optimizer, tc), mesh, rules, dtype=jnp.dtype(tc.compute_dtype)
     )
     step = make_train_step(graphdef, cfg, tc, tx)
+    row = ("batch", None)
+    tok = functools.partial(_abstract, (batch, seq), mesh=mesh, names=row, rules=rules)
+    abstract_batch = dict(
+        tokens=tok(jnp.int32),
+        targets=tok(jnp.int32),
+        positions=tok(jnp.int32),
+        segment_ids=tok(jnp.int32),
+        loss_mask=tok(jnp.bool_),
+    )
+    fn = jit_train_step(
+        step,
+        jax.tree.map(lambda x: x.sharding, state),
+        jax.tree.map(lambda x: x.sharding, abstract_batch),
+    )
+    model_flops = flops.train_flops(cfg, batch, seq, mtp=cfg.num_nextn_predict_layers > 0)
+    return Program(fn, (state, abstract_batch), model_flops, batch * seq)
+
+
+def pipelined_train_program(
+    cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, rules: Rules, schedule, *, batch: int, seq: int
+) -> Program:
+    """The pipelined pretraining step of ``dsjax.pipeline`` (``schedule`` over the mesh's ``stage`` axis; the
+    layer stack and its moments sharded over ``stage``), with the same state and batch as `train_program`."""
+    from dsjax.pipeline.train import make_pipeline_train_step
+
+    tc = dataclasses.replace(tc, batch_size=batch, seq_len=seq)
+    graphdef, state, tx = abstract_train_state(
+        cfg, functools.partial(make_optimizer, tc), mesh, rules, dtype=jnp.dtype(tc.compute_dtype)
+    )
+    step = make_pipeline_train_step(graphdef, cfg, tc, tx, schedule, mesh)
     row = ("batch", None)
     tok = functools.partial(_abstract, (batch, seq), mesh=mesh, names=row, rules=rules)
     abstract_batch = dict(

@@ -130,14 +130,15 @@ def weight_and_scale(module: nnx.Module, name: str):
     return getattr(module, name)[...], None if scale is None else scale[...]
 
 
-def stacked(n: int, make: Callable[[nnx.Rngs], M], rngs: nnx.Rngs) -> M:
-    """``n`` independently initialised copies of ``make(rngs)`` with every variable stacked on a leading
-    ``layers`` axis, for :func:`scan_stack`."""
+def stacked(n: int, make: Callable[[nnx.Rngs], M], rngs: nnx.Rngs, *, axis: str = "layers") -> M:
+    """``n`` independently initialised copies of ``make(rngs)`` with every variable stacked on a leading axis
+    of logical name ``axis`` (``layers``; ``pipeline_layers`` for the stack pipeline stages cut), for
+    :func:`scan_stack`."""
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(params=0))))
     keys = jax.random.split(rngs.params(), n)
     state = jax.vmap(lambda key: nnx.split(make(nnx.Rngs(params=key)))[1])(keys)
     for _, var in nnx.to_flat_state(state):
-        var.set_metadata(logical_axes=("layers", *var.get_metadata()["logical_axes"]))
+        var.set_metadata(logical_axes=(axis, *var.get_metadata()["logical_axes"]))
     return nnx.merge(graphdef, state)
 
 

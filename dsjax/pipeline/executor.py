@@ -31,11 +31,13 @@ Design (see `make_engine`):
   BW and FB compute both gradients at once.
 - **FB** is one `lax.switch` branch with a forward of one micro-batch and a full backward of another: one traced
   computation with no data dependency between its halves, so XLA may interleave them (DualPipe's F&B).
-- **Parameters.** The stacked stage parameters are gathered per rank as ``[ranks, chunks, ...]`` and sharded on
-  the ``stage`` axis: rank r holds the stages of its `Schedule.chunks` (DualPipe: stages r and PP-1-r, the same
-  weights as its mirror rank; DualPipeV: stages r and 2R-1-r). Weight gradients accumulate per rank and chunk;
-  on return they are summed per stage (DualPipe's mirror copies add up). Shared-parameter gradients are summed
-  over ranks.
+- **Parameters.** The stacked ``[stages, ...]`` stage parameters are sharded over the ``stage`` axis in stage
+  order (rank r holds ``stages / ranks`` consecutive stages: no rank holds the whole stack, at rest or in the
+  step). Inside the step each rank receives the stages of its `Schedule.chunks` by `ppermute` (`_placement_moves`:
+  none for 1F1B / ZB1P; DualPipe: its mirror stage PP-1-r, the same weights as the mirror rank's; DualPipeV:
+  stages r and 2R-1-r, from the ranks holding them at rest). Weight gradients accumulate per rank and chunk and
+  go back the same way (DualPipe's mirror copies add up), sharded like the parameters. Shared-parameter
+  gradients are summed over ranks.
 
 Why one SPMD program and not per-rank Python driving separate programs: JAX is single-controller; a per-rank op
 stream with point-to-point sends is expressed natively as one program where every device runs the same step and
@@ -172,6 +174,11 @@ def make_engine(
     for r, cs in enumerate(chunks):
         for c, (_, stage) in enumerate(cs):
             chunk_stage[r, c] = stage
+    if S % R:
+        raise ValueError(f"{S} stages do not split evenly over {R} ranks (stage parameters are sharded by rank)")
+    moves = _placement_moves(chunk_stage, S // R)
+    # 1F1B / ZB1P (and any schedule whose ranks run their resting stages in order): no move, no copy.
+    in_place = C == S // R and bool((chunk_stage == np.arange(S).reshape(R, C)).all())
     perms = {hop: [(r, r + hop) for r in range(R) if 0 <= r + hop < R] for _, hop in chans}
     has_f = jnp.asarray([c in (Code.F, Code.FB) for c in used])
     kinds = range(len(fns))
@@ -186,8 +193,34 @@ def make_engine(
 
     residual_row: dict[str, int] = {}  # dtype -> elements of one residual slot (filled when traced)
 
+    def place(a):  # this rank's [S/R, ...] stages at rest -> [C, ...] its chunks' (DualPipe: with mirror copies)
+        if in_place:
+            return a
+        rank = lax.axis_index(stage_axis)
+        out = jnp.zeros((C, *a.shape[1:]), a.dtype)
+        for c, j, pairs, receives in moves:
+            if all(src == dst for src, dst in pairs):
+                got = jnp.where(jnp.asarray(receives)[rank], a[j], jnp.zeros_like(a[j]))
+            else:
+                got = lax.ppermute(a[j], stage_axis, pairs)  # ranks not receiving get zeros
+            out = out.at[c].add(got)
+        return out
+
+    def unplace(g):  # the transpose of `place`: [C, ...] chunk gradients -> [S/R, ...], mirror copies added
+        if in_place:
+            return g
+        rank = lax.axis_index(stage_axis)
+        out = jnp.zeros((S // R, *g.shape[1:]), g.dtype)
+        for c, j, pairs, receives in moves:
+            if all(src == dst for src, dst in pairs):
+                got = jnp.where(jnp.asarray(receives)[rank], g[c], jnp.zeros_like(g[c]))
+            else:
+                got = lax.ppermute(g[c], stage_axis, [(dst, src) for src, dst in pairs])
+            out = out.at[j].add(got)
+        return out
+
     def local(sp, sc, shared, shared_c, inputs, table):
-        sp, sc = jax.tree.map(lambda a: a[0], (sp, sc))  # [C, ...]
+        sp, sc = jax.tree.map(place, (sp, sc))  # [C, ...]
         x_zero = jnp.zeros(x_struct.shape, x_struct.dtype)
         inp0 = jax.tree.map(lambda a: a[0], inputs)
         with no_mesh():
@@ -366,7 +399,7 @@ def make_engine(
         if batch_axis:  # every stage's sums over its rows
             gacc, losses = lax.psum((gacc, losses), batch_axis)
         sacc, aux_acc = lax.psum((sacc, aux_acc), (stage_axis, batch_axis) if batch_axis else stage_axis)
-        return jax.tree.map(lambda g: g[None], gacc), sacc, losses[None], aux_acc
+        return jax.tree.map(unplace, gacc), sacc, losses[None], aux_acc
 
     spec = P(stage_axis)
     sharded = jax.shard_map(
@@ -394,14 +427,37 @@ def make_engine(
         for leaf in jax.tree.leaves(inputs):
             if leaf.shape[:1] != (M,):
                 raise ValueError(f"inputs leaf of shape {leaf.shape}: leading dimension must be {M} micro-batches")
-        rank_params, rank_consts = jax.tree.map(lambda a: a[gather], (stage_params, stage_consts))  # [R, C, ...]
-        gacc, sacc, losses, aux = sharded(rank_params, rank_consts, shared, shared_consts, inputs, table)
-        return EngineResult(per_stage(losses), aux, jax.tree.map(per_stage, gacc), sacc)
+        gacc, sacc, losses, aux = sharded(stage_params, stage_consts, shared, shared_consts, inputs, table)
+        return EngineResult(per_stage(losses), aux, gacc, sacc)
 
     run.slots = slots  # buffer sizes, for reports and tests
     run.residual_row = residual_row
     run.steps = len(steps)
     return run
+
+
+def _placement_moves(chunk_stage: np.ndarray, per_rank: int) -> list[tuple[int, int, tuple, tuple[bool, ...]]]:
+    """How stage parameters move from where they rest to where the schedule runs them.
+
+    At rest the ``[S, ...]`` stacks are sharded over the stage axis in order: rank r holds stages
+    ``r * per_rank .. (r + 1) * per_rank - 1`` (1F1B / ZB1P / DualPipe: stage r; DualPipeV: 2r and 2r+1). The
+    schedule runs stage ``chunk_stage[d, c]`` as local chunk c of rank d (DualPipeV: r and 2R-1-r). Returns
+    ``(c, j, pairs, receives)``: chunk c of the ranks in ``pairs`` (``(source, destination)`` ranks) comes from
+    the source's resting stage j; ``receives[d]`` says whether rank d gets one. For a fixed (c, j) every
+    destination needs another stage, hence another source: ``pairs`` is a (partial) permutation, one
+    ``ppermute`` (none where every source is its own destination: 1F1B, ZB1P and DualPipe's own chunks).
+    """
+    ranks, chunks = chunk_stage.shape
+    moves = []
+    for c in range(chunks):
+        for j in range(per_rank):
+            pairs = tuple(
+                (int(s) // per_rank, d) for d in range(ranks) if (s := chunk_stage[d, c]) >= 0 and s % per_rank == j
+            )
+            if pairs:
+                receives = tuple(any(dst == d for _, dst in pairs) for d in range(ranks))
+                moves.append((c, j, pairs, receives))
+    return moves
 
 
 @dataclasses.dataclass(frozen=True)
