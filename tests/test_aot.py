@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 import dsjax
 from dsjax.aot import analyse_hlo, compile_report, decode_program, target, train_program
 from dsjax.aot.cli import main as aot_main
+from dsjax.aot.cli import make_parser as aot_parser
 from dsjax.aot.flops import active_matmul_params, train_flops
 from dsjax.aot.targets import GIB
 from dsjax.layers.moe import resolve_dispatch
@@ -59,6 +60,14 @@ def test_hlo_flops_agree_with_xla_and_count_loop_trips(v5p):
     assert counts.matmul_flops == pytest.approx(3 * 2 * 256 * 512 * 512 * 6 / 4, rel=0.05)
     assert counts.matmul_flops == pytest.approx(6 * scanned.cost_analysis()["flops"], rel=0.05)
     assert counts.collectives  # FSDP-style gathers / reductions inside the loop
+
+    # A switch runs one branch: it costs its most expensive one (2 matmuls here), not the sum of all (3).
+    def switch(i, x):
+        return jax.lax.switch(i, [lambda x: x @ x, lambda x: x, lambda x: x @ x @ x], x)
+
+    sq = _abstract(mesh, (512, 512), (None, None))
+    branched = jax.jit(switch).lower(jax.ShapeDtypeStruct((), jnp.int32), sq).compile()
+    assert analyse_hlo(branched.as_text()).matmul_flops == pytest.approx(2 * 2 * 512**3, rel=0.05)
 
 
 def test_optimizer_state_is_sharded_like_the_parameters():
@@ -173,6 +182,29 @@ def test_cli_rejects_bad_arguments(capsys):
     assert aot_main(["--topology", "v5p:2x2x1", "--model", "tiny", "--mesh", "data=4,expert=x"]) == 1
     assert "expected e.g. data=8,expert=64" in capsys.readouterr().err
     assert GIB == 2**30
+    tiny_pipeline = ["--topology", "v5p:2x2x1", "--model", "tiny", "--rules", "default", "--batch", "8"]
+    assert aot_main([*tiny_pipeline, "--pipeline", "gpipe:2:4"]) == 1
+    assert "NAME:RANKS:MICROBATCHES" in capsys.readouterr().err
+    assert aot_main([*tiny_pipeline, "--pipeline", "1f1b:2:4", "--mesh", "expert=4"]) == 1
+    assert "x 2 stage ranks does not cover the 4 chips" in capsys.readouterr().err
+
+
+def test_pipelined_train_step_lowers_for_v5p_with_the_stack_sharded_over_stage():
+    """``--pipeline``: the pipelined train step built from abstract state for a TPU slice (stage 2 x expert 2),
+    its layer stack and AdamW moments sharded over ``stage``; lowered, not compiled (a compile takes minutes)."""
+    from dsjax.aot.cli import build
+
+    args = aot_parser().parse_args(["--topology", "v5p:2x2x1", "--model", "tiny", "--rules", "default", "--batch",
+                                    "8", "--seq", "32", "--mesh", "expert=2", "--pipeline", "dualpipev:2:4", "--set",
+                                    "model.num_hidden_layers=5", "--set", "train.compute_dtype=float32"])  # fmt: skip
+    program, _, mesh = build(args)
+    assert dict(mesh.shape) == {"stage": 2, "data": 1, "expert": 2}
+    state = program.args[0]
+    stack = [x for p, x in jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
+             if "moe_layers" in jax.tree_util.keystr(p)]  # fmt: skip
+    assert len(stack) > 30 and all(x.shape[0] == 4 and x.sharding.spec[0] == "stage" for x in stack)
+    with jax.default_matmul_precision("default"):
+        program.fn.lower(*program.args)
 
 
 @pytest.mark.slow

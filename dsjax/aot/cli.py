@@ -54,7 +54,8 @@ def build(args) -> tuple:
     schedule = _schedule(args.pipeline) if args.pipeline else None
     ranks = schedule.ranks if schedule else 1
     if sizes.get("data", 1) * sizes.get("expert", 1) * sizes.get("model", 1) * ranks != tgt.num_chips:
-        raise ConfigError(f"--mesh {sizes} x {ranks} stage ranks do not cover the {tgt.num_chips} chips of {tgt.name}")
+        what = f"--mesh {sizes}" + (f" x {ranks} stage ranks" if schedule else "")
+        raise ConfigError(f"{what} does not cover the {tgt.num_chips} chips of {tgt.name}")
     if schedule:
         from dsjax.pipeline.train import make_pipeline_mesh
 
@@ -88,8 +89,8 @@ def build(args) -> tuple:
     return program, tgt, mesh
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dsjax.aot.report import compile_report, format_report
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of ``scripts/aot.py``."""
     from dsjax.aot.steps import STEPS
     from dsjax.config import PRESETS
 
@@ -110,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--dump-hlo", metavar="PATH", help="write the compiled (optimised) HLO text here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsjax.aot.report import compile_report, format_report
+
+    args = make_parser().parse_args(argv)
     try:
         program, tgt, mesh = build(args)
     except (ConfigError, ValueError, RuntimeError) as e:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from collections import defaultdict
 
 _DTYPE_BYTES = {
@@ -208,47 +209,25 @@ def analyse_hlo(text: str) -> HloCounts:
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
 
-    # Call graph with weights: a while body/condition runs trip-count times per execution of its caller.
-    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    # Bottom-up cost of each computation: its own instructions, plus each callee's cost times how often it runs
+    # per execution (a while body / condition: the trip count). A conditional runs one of its branches: it costs
+    # its most expensive one (flops; per collective kind, the largest count and bytes), an upper bound that stays
+    # one step's worth for a `lax.switch` over many branches (the pipeline executor's op kinds).
     counts = HloCounts()
-    for name, lines in computations.items():
-        for line in lines:
-            instr = _INSTR.match(line)
-            if instr is None:
-                continue
-            trip = 1
-            if instr.group(3) == "while":
-                trip = _trip_count(line, computations)
-                if trip is None:
-                    counts.unknown_trip_counts += 1
-                    trip = 1
-            for kind, callee in _CALLEE.findall(line):
-                factor = trip if kind in ("body", "condition") else 1
-                for c in re.findall(r"%?([\w.\-]+)", callee.strip("{}")):
-                    if c in computations:
-                        edges[name].append((c, factor))
+    memo: dict[str, tuple[float, dict]] = {}
 
-    # Execution counts in topological order (HLO call graphs are acyclic).
-    indegree: dict[str, int] = defaultdict(int)
-    for callees in edges.values():
-        for c, _ in callees:
-            indegree[c] += 1
-    weight: dict[str, float] = defaultdict(float)
-    weight[entry] = 1.0
-    ready = [n for n in computations if indegree[n] == 0]
-    while ready:
-        n = ready.pop()
-        for c, factor in edges.get(n, ()):
-            weight[c] += weight[n] * factor
-            indegree[c] -= 1
-            if indegree[c] == 0:
-                ready.append(c)
+    def add(into: dict, coll: dict, factor: float) -> None:
+        for kind, v in coll.items():
+            e = into.setdefault(kind, {"count": 0.0, "bytes": 0.0})
+            e["count"] += factor * v["count"]
+            e["bytes"] += factor * v["bytes"]
 
-    for name, lines in computations.items():
-        w = weight[name]
-        if not w:
-            continue
-        for line in lines:
+    def cost(name: str) -> tuple[float, dict]:
+        if name in memo:
+            return memo[name]
+        memo[name] = (0.0, {})  # HLO call graphs are acyclic; this only guards against malformed text
+        flops, coll = 0.0, {}
+        for line in computations[name]:
             instr = _INSTR.match(line)
             if instr is None:
                 continue
@@ -257,14 +236,48 @@ def analyse_hlo(text: str) -> HloCounts:
             attrs = name_ + " " + rest[len(operands) :]  # kernels are known by their instruction's name
             ins = [s for ref in re.findall(r"%([\w.\-]+)", operands) for s in _shapes(shape_of.get(ref, ""))]
             ins = ins or _shapes(operands)  # unoptimised HLO prints operand shapes inline
-            counts.matmul_flops += w * _matmul_flops(op, out_text, ins, attrs)
+            flops += _matmul_flops(op, out_text, ins, attrs)
             kind = op.removesuffix("-start")
             if kind in COLLECTIVES and not op.endswith("-done"):
-                entry_ = counts.collectives[kind]
-                entry_["count"] += int(w)
                 # ragged-all-to-all's operands are (input, output buffer, offsets, sizes): count what is sent.
                 sent = ins[:1] if kind == "ragged-all-to-all" else ins
-                entry_["bytes"] += int(w * _nbytes(sent))
+                add(coll, {kind: {"count": 1, "bytes": _nbytes(sent)}}, 1)
+            trip = 1
+            if op == "while":
+                trip = _trip_count(line, computations)
+                if trip is None:
+                    counts.unknown_trip_counts += 1
+                    trip = 1
+            branches = []
+            for kind_, callee in _CALLEE.findall(line):
+                for c in re.findall(r"%?([\w.\-]+)", callee.strip("{}")):
+                    if c not in computations:
+                        continue
+                    if kind_ == "branch_computations":
+                        branches.append(cost(c))
+                        continue
+                    f, cc = cost(c)
+                    factor = trip if kind_ in ("body", "condition") else 1
+                    flops += factor * f
+                    add(coll, cc, factor)
+            if branches:
+                flops += max(f for f, _ in branches)
+                for kind_ in {k for _, cc in branches for k in cc}:
+                    coll.setdefault(kind_, {"count": 0.0, "bytes": 0.0})
+                    for field in ("count", "bytes"):
+                        coll[kind_][field] += max(cc.get(kind_, {}).get(field, 0) for _, cc in branches)
+        memo[name] = (flops, coll)
+        return memo[name]
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10 * len(computations) + 1000))
+    try:
+        flops, coll = cost(entry)
+    finally:
+        sys.setrecursionlimit(limit)
+    counts.matmul_flops = flops
+    for kind, v in coll.items():
+        counts.collectives[kind] = {"count": int(v["count"]), "bytes": int(v["bytes"])}
     return counts
 
 
