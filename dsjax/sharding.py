@@ -87,7 +87,8 @@ def logical_to_spec(
     table = dict(rules)
     if shape is not None and len(shape) != len(names):
         raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
-    mesh_axes = set(mesh.axis_names) if mesh is not None else None
+    # Inside shard_map, the axes it made manual are split by hand already: they are not there to shard over.
+    mesh_axes = set(mesh.axis_names) - set(getattr(mesh, "manual_axes", ())) if mesh is not None else None
     used: set[str] = set()
     spec = []
     for i, name in enumerate(names):

@@ -76,11 +76,11 @@ def reference(stages: int, microbatches: int, rows: int):
     return sequential_loss_and_grad(pl, params, rest, batch)
 
 
-def pipelined(name: str, ranks: int, microbatches: int, expert: int = 1):
+def pipelined(name: str, ranks: int, microbatches: int, expert: int = 1, data: int = 1):
     schedule = GENERATORS[name](ranks, microbatches)
-    rows = microbatches * expert
+    rows = microbatches * expert * data
     run, graphdef, params, rest, batch = setup(schedule.stages, rows, "ep" if expert > 1 else "auto")
-    mesh = make_pipeline_mesh(ranks, 1, expert)
+    mesh = make_pipeline_mesh(ranks, data, expert)
     with jax.set_mesh(mesh):
         pl = PipelinedLoss(graphdef, run.model, run.train, schedule, mesh=mesh, batch_rows=rows)
         batch = jax.device_put(batch, NamedSharding(mesh, P(("data", "expert"))))
@@ -156,10 +156,10 @@ def test_8_devices(name):
 
 @pytest.mark.slow
 def test_expert_parallel_inside_stages():
-    """DualPipe over 2 stage devices x 2 expert devices (token exchange inside each stage): losses and gradients
-    match the sequential loop without expert parallelism to round-off."""
-    schedule, _, _, aux, grads = pipelined("dualpipe", 2, 4, expert=2)
-    _, ref_losses, ref_grads = reference(schedule.stages, 4, 8)
+    """DualPipe over 2 stage x 2 data x 2 expert devices (each stage's rows split over data, its tokens exchanged
+    over expert): losses and gradients match the sequential loop without expert parallelism to round-off."""
+    schedule, _, _, aux, grads = pipelined("dualpipe", 2, 4, expert=2, data=2)
+    _, ref_losses, ref_grads = reference(schedule.stages, 4, 16)
     np.testing.assert_allclose(np.asarray(aux["losses"]), np.asarray(ref_losses), rtol=1e-6)
     errors = grad_errors(grads, ref_grads)
     loss_err = np.abs(np.asarray(aux["losses"]) / np.asarray(ref_losses) - 1).max()

@@ -43,7 +43,6 @@ def test_pipeline_section_is_validated():
         "ranks must be even": ["pipeline.schedule=dualpipe", "pipeline.stages=3"],
         "do not split over the 2x1 mesh": ["train.batch_size=8"],
         "mesh.fsdp": ["mesh.fsdp=true"],
-        "not both": ["mesh.expert=2", "train.batch_size=32"],
         "unknown fields": ["pipeline.chunks=2"],
     }
     for message, sets in cases.items():

@@ -152,7 +152,8 @@ def moe_expert_parallel(
         )
 
     num_shards = mesh.shape[expert_axis]
-    token_axes = tuple(a for a in token_axes if a in mesh.axis_names)
+    # Axes an enclosing shard_map made manual (the pipeline's `data` rows) hold this device's tokens already.
+    token_axes = tuple(a for a in token_axes if a in mesh.axis_names and a not in mesh.manual_axes)
     if expert_axis not in token_axes:
         raise ValueError(f"token_axes {token_axes} must include the expert axis {expert_axis!r}")
     num_experts = jax.tree.leaves(w_gate_edf)[0].shape[0]

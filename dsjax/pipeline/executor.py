@@ -151,14 +151,14 @@ def make_engine(
     if len(kind_of) != schedule.stages or not all(0 <= k < len(fns) for k in kind_of):
         raise ValueError(f"kind_of must give each of {schedule.stages} stages a kind in [0, {len(fns)})")
     # Data parallelism inside the pipeline: with a ``data`` axis of size > 1 the micro-batch rows are split over
-    # it by hand (manual in the shard_map, the stage functions see no mesh, gradients are summed at the end).
-    # Left to the automatic partitioner, the data-parallel collectives would sit inside the per-rank `lax.switch`
-    # branches, which differ between stage ranks: XLA:CPU's collective-permute waits for every device and the
-    # program deadlocks (seen). The ``expert`` axis stays automatic (EP's own exchange inside a stage works).
+    # it by hand (manual in the shard_map, gradients are summed at the end). Left to the automatic partitioner,
+    # the data-parallel collectives would sit inside the per-rank `lax.switch` branches, which differ between
+    # stage ranks: XLA:CPU's collective-permute waits for every device and the program deadlocks (seen). The
+    # ``expert`` axis stays automatic: a stage's EP exchange runs among the devices of one (stage, data) group,
+    # which all take the same branch. Without an ``expert`` axis the stage functions see no mesh at all.
     batch_axis = "data" if mesh.shape.get("data", 1) > 1 else None
     n_rows = mesh.shape[batch_axis] if batch_axis else 1
-    if batch_axis and mesh.shape.get("expert", 1) > 1:
-        raise ValueError("pipeline with both data > 1 and expert > 1 devices is not supported")
+    hide_mesh = batch_axis is not None and mesh.shape.get("expert", 1) == 1
     if not x_struct.shape or x_struct.shape[0] % n_rows:
         raise ValueError(f"activation rows {x_struct.shape[:1]} do not split over {n_rows} {batch_axis!r} devices")
     x_struct = jax.ShapeDtypeStruct((x_struct.shape[0] // n_rows, *x_struct.shape[1:]), x_struct.dtype)
@@ -188,8 +188,8 @@ def make_engine(
             return impl(0, *args)
         return lax.switch(k, [functools.partial(impl, j) for j in kinds], *args)
 
-    def no_mesh():  # the stage functions' view when rows are split by hand: no mesh, no collectives
-        return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())) if batch_axis else nullcontext()
+    def no_mesh():  # the stage functions' view when rows are split by hand and no expert axis: no collectives
+        return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())) if hide_mesh else nullcontext()
 
     residual_row: dict[str, int] = {}  # dtype -> elements of one residual slot (filled when traced)
 

@@ -218,12 +218,6 @@ class RunConfig:
             f"micro-batches of {rows} rows do not split over the {self.mesh.data}x{self.mesh.expert} mesh",
         )
         _check(not self.mesh.fsdp, "mesh.fsdp", "is not supported with pipeline parallelism")
-        _check(
-            self.mesh.data == 1 or self.mesh.expert == 1,
-            "mesh",
-            "a pipeline runs either data parallelism (mesh.data) or expert parallelism (mesh.expert) inside its "
-            "stages, not both",
-        )
         layers = self.model.num_moe_layers or self.model.first_k_dense_replace
         _check(
             layers % schedule.stages == 0 and layers >= schedule.stages,
