@@ -29,7 +29,7 @@ from dsjax.pipeline.model import PipelinedLoss, sequential_loss_and_grad
 from dsjax.pipeline.simulator import simulate
 from dsjax.pipeline.tables import allocate_slots, timesteps
 from dsjax.pipeline.train import make_pipeline_mesh
-from dsjax.sharding import state_shardings
+from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, state_shardings
 from dsjax.train.config import load_run_config
 
 TINY = [
@@ -76,7 +76,7 @@ def reference(stages: int, microbatches: int, rows: int):
     return sequential_loss_and_grad(pl, params, rest, batch)
 
 
-def pipelined(name: str, ranks: int, microbatches: int, expert: int = 1, data: int = 1):
+def pipelined(name: str, ranks: int, microbatches: int, expert: int = 1, data: int = 1, rules=DEFAULT_RULES):
     schedule = GENERATORS[name](ranks, microbatches)
     rows = microbatches * expert * data
     run, graphdef, params, rest, batch = setup(schedule.stages, rows, "ep" if expert > 1 else "auto")
@@ -85,10 +85,11 @@ def pipelined(name: str, ranks: int, microbatches: int, expert: int = 1, data: i
         pl = PipelinedLoss(graphdef, run.model, run.train, schedule, mesh=mesh, batch_rows=rows)
         batch = jax.device_put(batch, NamedSharding(mesh, P(("data", "expert"))))
         # The layer stack rests sharded over `stage` (the rules table's `pipeline_layers`), as in training.
-        params, rest = (jax.device_put(t, state_shardings(t, mesh)) for t in (params, rest))
+        params, rest = (jax.device_put(t, state_shardings(t, mesh, rules)) for t in (params, rest))
         for leaf in jax.tree.leaves((params["moe_layers"], rest["moe_layers"])):
             assert leaf.sharding.spec[0] == "stage", leaf.sharding
             assert leaf.addressable_shards[0].data.shape[0] == schedule.stages // ranks
+        assert params["embed"].get_value().sharding.is_fully_replicated == (rules == DEFAULT_RULES)
         loss, aux, grads = jax.jit(pl.loss_and_grad)(params, rest, batch)
     for leaf in jax.tree.leaves(grads["moe_layers"]):  # and so do its gradients: no rank gathers the whole stack
         assert leaf.addressable_shards[0].data.shape[0] == schedule.stages // ranks, leaf.sharding
@@ -157,8 +158,9 @@ def test_8_devices(name):
 @pytest.mark.slow
 def test_expert_parallel_inside_stages():
     """DualPipe over 2 stage x 2 data x 2 expert devices (each stage's rows split over data, its tokens exchanged
-    over expert): losses and gradients match the sequential loop without expert parallelism to round-off."""
-    schedule, _, _, aux, grads = pipelined("dualpipe", 2, 4, expert=2, data=2)
+    over expert) with FSDP (every weight also split along its width over data x expert): losses and gradients
+    match the sequential loop without expert parallelism to round-off."""
+    schedule, _, _, aux, grads = pipelined("dualpipe", 2, 4, expert=2, data=2, rules=FSDP_RULES)
     _, ref_losses, ref_grads = reference(schedule.stages, 4, 16)
     np.testing.assert_allclose(np.asarray(aux["losses"]), np.asarray(ref_losses), rtol=1e-6)
     errors = grad_errors(grads, ref_grads)

@@ -42,7 +42,6 @@ def test_pipeline_section_is_validated():
         "7 MoE layers do not split evenly into 8 pipeline stages": ["model.num_hidden_layers=8"],
         "ranks must be even": ["pipeline.schedule=dualpipe", "pipeline.stages=3"],
         "do not split over the 2x1 mesh": ["train.batch_size=8"],
-        "mesh.fsdp": ["mesh.fsdp=true"],
         "unknown fields": ["pipeline.chunks=2"],
     }
     for message, sets in cases.items():

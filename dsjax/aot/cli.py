@@ -59,8 +59,8 @@ def build(args) -> tuple:
     if schedule:
         from dsjax.pipeline.train import make_pipeline_mesh
 
-        if args.step != "train" or sizes.get("model", 1) > 1 or args.rules != "default":
-            raise ConfigError("--pipeline: train step, --rules default, no model axis (as scripts/train.py)")
+        if args.step != "train" or sizes.get("model", 1) > 1 or args.rules == "fsdp+tp":
+            raise ConfigError("--pipeline: the train step, no model axis (--rules default or fsdp)")
         devices = tgt.devices[: ranks * sizes.get("data", 1) * sizes.get("expert", 1)]
         mesh = make_pipeline_mesh(ranks, sizes.get("data", 1), sizes.get("expert", 1), devices)
     else:

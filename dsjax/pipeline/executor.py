@@ -49,7 +49,9 @@ stored input (activation checkpointing at stage granularity; a real system keeps
 more memory); (3) a step with no W part still adds a zero gradient; (4) the unit-time replay puts ops of
 different costs in one step, so the step time is the slowest rank's op (real timing is the simulator's concern);
 (5) micro-batch inputs are replicated to every rank; (6) shared parameters (embedding, dense layers, head, MTP)
-are held whole by every rank, and residual slots are as wide as the widest stage kind's.
+are held by every stage rank (FSDP rules split them over ``data`` x ``expert`` within the rank: DeepSeek-V3's
+are ~4.6B parameters, 43 GiB per chip with their moments unsplit), and residual slots are as wide as the widest
+stage kind's (the last stage's logits, unless ``loss_chunk`` chunks the head).
 """
 
 from __future__ import annotations

@@ -217,7 +217,6 @@ class RunConfig:
             "pipeline.micro_batches",
             f"micro-batches of {rows} rows do not split over the {self.mesh.data}x{self.mesh.expert} mesh",
         )
-        _check(not self.mesh.fsdp, "mesh.fsdp", "is not supported with pipeline parallelism")
         layers = self.model.num_moe_layers or self.model.first_k_dense_replace
         _check(
             layers % schedule.stages == 0 and layers >= schedule.stages,
