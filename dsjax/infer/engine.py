@@ -31,7 +31,6 @@ from dsjax.infer.sampling import (
     log_probs,
     make_sampling,
     row_keys,
-    sample,
     speculative_accept,
     step_keys,
 )
@@ -109,6 +108,17 @@ def _token_logp(logits_bv, tokens_b, sampling: Sampling):
     return jnp.take_along_axis(logp, tokens_b[:, None], axis=-1)[:, 0]
 
 
+def _sample_with_logp(logits_bv, keys_b, sampling: Sampling):
+    """``(token [b], its log-probability [b])``: `sample` and `_token_logp` from one pass over the logits (the
+    top-k / top-p filter, a sort of the vocabulary, runs once per decode step instead of twice)."""
+    if sampling.greedy:
+        token = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return token, _token_logp(logits_bv, token, sampling)
+    logp = log_probs(logits_bv, sampling)
+    token = jax.vmap(jax.random.categorical)(keys_b, logp).astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
 def _emit(out, count, tokens, write):
     # Write tokens[r] at out[r, count[r]] where `write`; past the buffer's end the write is dropped.
     rows = jnp.arange(out.shape[0])
@@ -131,12 +141,11 @@ def _prefill(static: _Static, state, tokens_bt, lengths_b, active_b, stop_ids, m
     last = lengths_b - 1
     keys = row_keys(seed, b)
     k_first, k_draft = jax.vmap(jax.random.split, out_axes=1)(step_keys(keys, 0))
-    first = sample(logits[rows, last], k_first, static.sampling)
+    first, first_logp = _sample_with_logp(logits[rows, last], k_first, static.sampling)
     # The output buffer is as long as the cache (>= max_new), so the slot count alone keys the compiled loop.
     zero_count = jnp.zeros(b, jnp.int32)
     out = _emit(jnp.zeros((b, static.num_slots), jnp.int32), zero_count, first, active_b)
-    out_logp = _emit(jnp.zeros((b, static.num_slots), jnp.float32), zero_count,
-                     _token_logp(logits[rows, last], first, static.sampling), active_b)  # fmt: skip
+    out_logp = _emit(jnp.zeros((b, static.num_slots), jnp.float32), zero_count, first_logp, active_b)
     done = ~active_b | _is_stop(first, stop_ids) | (max_new <= 1)
     draft, draft_logp, mtp_cache = jnp.zeros(b, jnp.int32), None, None
     if static.speculative:
@@ -159,10 +168,10 @@ def _plain_step(model, static: _Static, s: DecodeState, stop_ids, max_new, windo
         model, s.token[:, None], s.position[:, None], s.cache, window=window, attention=static.attention,
         dispatch=static.dispatch,
     )  # fmt: skip
-    new = sample(logits[:, 0], step_keys(s.keys, s.step), static.sampling)
+    new, new_logp = _sample_with_logp(logits[:, 0], step_keys(s.keys, s.step), static.sampling)
     active = ~s.done
     out = _emit(s.out, s.count, new, active)
-    out_logp = _emit(s.logp, s.count, _token_logp(logits[:, 0], new, static.sampling), active)
+    out_logp = _emit(s.logp, s.count, new_logp, active)
     count = s.count + active
     done = s.done | (active & (_is_stop(new, stop_ids) | (count >= max_new)))
     return s._replace(
@@ -183,20 +192,23 @@ def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new,
     if static.sampling.greedy:
         first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         accepted = first == s.draft
+        first_logp = _token_logp(logits[:, 0], first, static.sampling)
     else:
         target = log_probs(logits[:, 0], static.sampling)
         accepted, first = speculative_accept(target, s.draft_logp, s.draft, k_verify)
-    bonus = sample(logits[:, 1], k_bonus, static.sampling)  # the model's next token after an accepted draft
+        first_logp = jnp.take_along_axis(target, first[:, None], axis=-1)[:, 0]
+    # The model's next token after an accepted draft.
+    bonus, bonus_logp = _sample_with_logp(logits[:, 1], k_bonus, static.sampling)
 
     active = ~s.done
     out = _emit(s.out, s.count, first, active)
     # Emitted tokens are distributed as the main model's (speculative sampling), so their log-probs are its.
-    out_logp = _emit(s.logp, s.count, _token_logp(logits[:, 0], first, static.sampling), active)
+    out_logp = _emit(s.logp, s.count, first_logp, active)
     count = s.count + active
     stop_first = _is_stop(first, stop_ids) | (count >= max_new)
     second = active & accepted & ~stop_first
     out = _emit(out, count, bonus, second)
-    out_logp = _emit(out_logp, count, _token_logp(logits[:, 1], bonus, static.sampling), second)
+    out_logp = _emit(out_logp, count, bonus_logp, second)
     count = count + second
     done = s.done | (active & stop_first) | (second & (_is_stop(bonus, stop_ids) | (count >= max_new)))
 
