@@ -40,14 +40,9 @@ def _abstract(shape, dtype, mesh: Mesh, names, rules: Rules):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
 
-def train_program(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, rules: Rules, *, batch: int, seq: int) -> Program:
-    """The pretraining step of ``dsjax.train`` (fp32 master weights and AdamW moments sharded like them)."""
-    graphdef, state, tx = abstract_train_state(
-        cfg, functools.partial(make_optimizer, tc), mesh, rules, dtype=jnp.dtype(tc.compute_dtype)
-    )
-    step = make_train_step(graphdef, cfg, tc, tx)
-    row = ("batch", None)
-    tok = functools.partial(_abstract, (batch, seq), mesh=mesh, names=row, rules=rules)
+def _train_like(step, state, cfg: ModelConfig, mesh: Mesh, rules: Rules, batch: int, seq: int) -> Program:
+    """A pretraining step's `Program`: ``step`` jitted with the state's and a ``[batch, seq]`` batch's shardings."""
+    tok = functools.partial(_abstract, (batch, seq), mesh=mesh, names=("batch", None), rules=rules)
     abstract_batch = dict(
         tokens=tok(jnp.int32),
         targets=tok(jnp.int32),
@@ -62,6 +57,15 @@ def train_program(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, rules: Rules, *
     )
     model_flops = flops.train_flops(cfg, batch, seq, mtp=cfg.num_nextn_predict_layers > 0)
     return Program(fn, (state, abstract_batch), model_flops, batch * seq)
+
+
+def train_program(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, rules: Rules, *, batch: int, seq: int) -> Program:
+    """The pretraining step of ``dsjax.train`` (fp32 master weights and AdamW moments sharded like them)."""
+    graphdef, state, tx = abstract_train_state(
+        cfg, functools.partial(make_optimizer, tc), mesh, rules, dtype=jnp.dtype(tc.compute_dtype)
+    )
+    step = make_train_step(graphdef, cfg, tc, tx)
+    return _train_like(step, state, cfg, mesh, rules, batch, seq)
 
 
 def pipelined_train_program(
@@ -76,22 +80,7 @@ def pipelined_train_program(
         cfg, functools.partial(make_optimizer, tc), mesh, rules, dtype=jnp.dtype(tc.compute_dtype)
     )
     step = make_pipeline_train_step(graphdef, cfg, tc, tx, schedule, mesh)
-    row = ("batch", None)
-    tok = functools.partial(_abstract, (batch, seq), mesh=mesh, names=row, rules=rules)
-    abstract_batch = dict(
-        tokens=tok(jnp.int32),
-        targets=tok(jnp.int32),
-        positions=tok(jnp.int32),
-        segment_ids=tok(jnp.int32),
-        loss_mask=tok(jnp.bool_),
-    )
-    fn = jit_train_step(
-        step,
-        jax.tree.map(lambda x: x.sharding, state),
-        jax.tree.map(lambda x: x.sharding, abstract_batch),
-    )
-    model_flops = flops.train_flops(cfg, batch, seq, mtp=cfg.num_nextn_predict_layers > 0)
-    return Program(fn, (state, abstract_batch), model_flops, batch * seq)
+    return _train_like(step, state, cfg, mesh, rules, batch, seq)
 
 
 def _inference_state(cfg: ModelConfig, mesh: Mesh, rules: Rules, dtype):
