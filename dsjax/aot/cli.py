@@ -61,8 +61,7 @@ def build(args) -> tuple:
 
         if args.step != "train" or sizes.get("model", 1) > 1 or args.rules == "fsdp+tp":
             raise ConfigError("--pipeline: the train step, no model axis (--rules default or fsdp)")
-        devices = tgt.devices[: ranks * sizes.get("data", 1) * sizes.get("expert", 1)]
-        mesh = make_pipeline_mesh(ranks, sizes.get("data", 1), sizes.get("expert", 1), devices)
+        mesh = make_pipeline_mesh(ranks, sizes.get("data", 1), sizes.get("expert", 1), tgt.devices)
     else:
         mesh = make_mesh(sizes.get("data", 1), sizes.get("expert", 1), tgt.devices, model=sizes.get("model", 1))
     rules = {"fsdp": FSDP_RULES, "default": DEFAULT_RULES, "fsdp+tp": combine_rules(FSDP_RULES, TP_RULES)}[args.rules]

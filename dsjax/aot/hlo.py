@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import re
-import sys
 from collections import defaultdict
 
 _DTYPE_BYTES = {
@@ -262,19 +261,14 @@ def analyse_hlo(text: str) -> HloCounts:
                     add(coll, cc, factor)
             if branches:
                 flops += max(f for f, _ in branches)
-                for kind_ in {k for _, cc in branches for k in cc}:
-                    coll.setdefault(kind_, {"count": 0.0, "bytes": 0.0})
-                    for field in ("count", "bytes"):
-                        coll[kind_][field] += max(cc.get(kind_, {}).get(field, 0) for _, cc in branches)
+                kinds = {k for _, cc in branches for k in cc}
+                worst = {k: {x: max(cc.get(k, {}).get(x, 0) for _, cc in branches) for x in ("count", "bytes")}
+                         for k in kinds}  # fmt: skip
+                add(coll, worst, 1)
         memo[name] = (flops, coll)
         return memo[name]
 
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 10 * len(computations) + 1000))
-    try:
-        flops, coll = cost(entry)
-    finally:
-        sys.setrecursionlimit(limit)
+    flops, coll = cost(entry)  # recursion depth = call nesting depth (tens), not the number of computations
     counts.matmul_flops = flops
     for kind, v in coll.items():
         counts.collectives[kind] = {"count": int(v["count"]), "bytes": int(v["bytes"])}

@@ -208,17 +208,10 @@ def make_engine(
             out = out.at[c].add(got)
         return out
 
-    def unplace(g):  # the transpose of `place`: [C, ...] chunk gradients -> [S/R, ...], mirror copies added
+    def unplace(g):  # [C, ...] chunk gradients -> [S/R, ...]: `place` transposed (mirror copies add up)
         if in_place:
             return g
-        rank = lax.axis_index(stage_axis)
-        out = jnp.zeros((S // R, *g.shape[1:]), g.dtype)
-        for c, j, pairs, receives in moves:
-            if all(src == dst for src, dst in pairs):
-                got = jnp.where(jnp.asarray(receives)[rank], g[c], jnp.zeros_like(g[c]))
-            else:
-                got = lax.ppermute(g[c], stage_axis, [(dst, src) for src, dst in pairs])
-            out = out.at[j].add(got)
+        (out,) = jax.linear_transpose(place, jax.ShapeDtypeStruct((S // R, *g.shape[1:]), g.dtype))(g)
         return out
 
     def local(sp, sc, shared, shared_c, inputs, table):
