@@ -7,7 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsjax.infer.sampling import Sampling, log_probs, make_sampling, row_keys, sample, speculative_accept
+from dsjax.infer.sampling import (
+    Sampling,
+    log_probs,
+    make_sampling,
+    row_keys,
+    sample,
+    sample_with_logp,
+    speculative_accept,
+)
 
 N = 40_000  # draws per empirical check: total-variation noise ~ sqrt(V / N) / 2 ~ 0.01 for V = 6
 TV_BOUND = 0.02
@@ -42,6 +50,21 @@ def test_samples_follow_the_filtered_distribution(sampling, expected):
 def test_greedy_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (5, 17))
     np.testing.assert_array_equal(sample(logits, row_keys(0, 5), Sampling()), np.argmax(logits, -1))
+
+
+@pytest.mark.parametrize("s", [Sampling(1.0, 0, 1.0), Sampling(0.7, 3, 0.9), Sampling(0.0, 0, 1.0)])
+def test_sample_with_logp_is_sample_and_its_log_probability(s):
+    """The engine's fused draw: the token a categorical draw from `log_probs` gives with the same keys (greedy:
+    the argmax), and that token's log-probability under the distribution it was drawn from (greedy: the
+    unfiltered softmax)."""
+    logits = jax.random.normal(jax.random.key(0), (64, 50)) * 2
+    keys = row_keys(3, 64)
+    token, logp = sample_with_logp(logits, keys, s)
+    full = jax.nn.log_softmax(logits, axis=-1) if s.greedy else log_probs(logits, s)
+    expected = jnp.argmax(logits, -1) if s.greedy else jax.vmap(jax.random.categorical)(keys, full)
+    np.testing.assert_array_equal(np.asarray(token), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(logp), np.asarray(full)[np.arange(64), np.asarray(token)])
+    assert np.isfinite(np.asarray(logp)).all()
 
 
 @given(seed=st.integers(0, 2**16), top_k=st.sampled_from([1, 3]), top_p=st.sampled_from([0.3, 0.9, 1.0]))

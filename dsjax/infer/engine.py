@@ -31,6 +31,7 @@ from dsjax.infer.sampling import (
     log_probs,
     make_sampling,
     row_keys,
+    sample_with_logp,
     speculative_accept,
     step_keys,
 )
@@ -103,22 +104,6 @@ def _draft(logits_bv, keys_b, sampling: Sampling):
     return jax.vmap(jax.random.categorical)(keys_b, logp).astype(jnp.int32), logp
 
 
-def _token_logp(logits_bv, tokens_b, sampling: Sampling):
-    logp = jax.nn.log_softmax(logits_bv.astype(jnp.float32)) if sampling.greedy else log_probs(logits_bv, sampling)
-    return jnp.take_along_axis(logp, tokens_b[:, None], axis=-1)[:, 0]
-
-
-def _sample_with_logp(logits_bv, keys_b, sampling: Sampling):
-    """``(token [b], its log-probability [b])``: `sample` and `_token_logp` from one pass over the logits (the
-    top-k / top-p filter, a sort of the vocabulary, runs once per decode step instead of twice)."""
-    if sampling.greedy:
-        token = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-        return token, _token_logp(logits_bv, token, sampling)
-    logp = log_probs(logits_bv, sampling)
-    token = jax.vmap(jax.random.categorical)(keys_b, logp).astype(jnp.int32)
-    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-
-
 def _emit(out, count, tokens, write):
     # Write tokens[r] at out[r, count[r]] where `write`; past the buffer's end the write is dropped.
     rows = jnp.arange(out.shape[0])
@@ -141,7 +126,7 @@ def _prefill(static: _Static, state, tokens_bt, lengths_b, active_b, stop_ids, m
     last = lengths_b - 1
     keys = row_keys(seed, b)
     k_first, k_draft = jax.vmap(jax.random.split, out_axes=1)(step_keys(keys, 0))
-    first, first_logp = _sample_with_logp(logits[rows, last], k_first, static.sampling)
+    first, first_logp = sample_with_logp(logits[rows, last], k_first, static.sampling)
     # The output buffer is as long as the cache (>= max_new), so the slot count alone keys the compiled loop.
     zero_count = jnp.zeros(b, jnp.int32)
     out = _emit(jnp.zeros((b, static.num_slots), jnp.int32), zero_count, first, active_b)
@@ -168,7 +153,7 @@ def _plain_step(model, static: _Static, s: DecodeState, stop_ids, max_new, windo
         model, s.token[:, None], s.position[:, None], s.cache, window=window, attention=static.attention,
         dispatch=static.dispatch,
     )  # fmt: skip
-    new, new_logp = _sample_with_logp(logits[:, 0], step_keys(s.keys, s.step), static.sampling)
+    new, new_logp = sample_with_logp(logits[:, 0], step_keys(s.keys, s.step), static.sampling)
     active = ~s.done
     out = _emit(s.out, s.count, new, active)
     out_logp = _emit(s.logp, s.count, new_logp, active)
@@ -190,15 +175,14 @@ def _speculative_step(model, static: _Static, s: DecodeState, stop_ids, max_new,
     )
     k_verify, k_bonus, k_draft = jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(step_keys(s.keys, s.step))
     if static.sampling.greedy:
-        first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        first, first_logp = sample_with_logp(logits[:, 0], k_verify, static.sampling)
         accepted = first == s.draft
-        first_logp = _token_logp(logits[:, 0], first, static.sampling)
     else:
         target = log_probs(logits[:, 0], static.sampling)
         accepted, first = speculative_accept(target, s.draft_logp, s.draft, k_verify)
         first_logp = jnp.take_along_axis(target, first[:, None], axis=-1)[:, 0]
     # The model's next token after an accepted draft.
-    bonus, bonus_logp = _sample_with_logp(logits[:, 1], k_bonus, static.sampling)
+    bonus, bonus_logp = sample_with_logp(logits[:, 1], k_bonus, static.sampling)
 
     active = ~s.done
     out = _emit(s.out, s.count, first, active)

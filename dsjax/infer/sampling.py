@@ -78,10 +78,19 @@ def log_probs(logits_bv: jax.Array, s: Sampling) -> jax.Array:
 
 def sample(logits_bv: jax.Array, keys_b: jax.Array, s: Sampling) -> jax.Array:
     """Next token per row, int32 ``[b]``: argmax when greedy, else a draw from :func:`log_probs`."""
+    return sample_with_logp(logits_bv, keys_b, s)[0]
+
+
+def sample_with_logp(logits_bv: jax.Array, keys_b: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
+    """``(token [b], its fp32 log-probability [b])``, both from one :func:`log_probs` (one pass of the top-k /
+    top-p filter); greedy: the argmax and its log-probability under the unfiltered softmax."""
     if s.greedy:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logp = log_probs(logits_bv, s)
-    return jax.vmap(jax.random.categorical)(keys_b, logp).astype(jnp.int32)
+        token = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        logp = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    else:
+        logp = log_probs(logits_bv, s)
+        token = jax.vmap(jax.random.categorical)(keys_b, logp).astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
 def speculative_accept(
