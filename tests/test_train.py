@@ -239,3 +239,18 @@ def test_chunked_output_head_loss_equals_whole_logits():
     for key in ("loss", "ce", "mtp", "grad_norm"):
         assert float(chunked[key]) == pytest.approx(float(whole[key]), rel=1e-5), key
     chex.assert_trees_all_close(chunked_params, whole_params, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_cross_entropy_chunk_longer_than_sequence():
+    """A chunk longer than the sequence computes the sequence's logits once, unpadded (its scan has one step of
+    the sequence's length), and the same loss as the whole logits."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 16, (2, 6)), jnp.int32)
+    mask = jnp.asarray(rng.random((2, 6)) < 0.8)
+    whole, _ = losses.cross_entropy(h @ head, targets, mask)
+    chunked, count = losses.chunked_cross_entropy(h, head, targets, mask, chunk=64)
+    assert float(chunked) == pytest.approx(float(whole), rel=1e-6) and int(count) == int(mask.sum())
+    jaxpr = str(jax.make_jaxpr(lambda h: losses.chunked_cross_entropy(h, head, targets, mask, chunk=64))(h))
+    assert "2,64" not in jaxpr and "2,6,16" in jaxpr  # logits [rows, 6, vocab], not [rows, 64, vocab]

@@ -28,6 +28,7 @@ def chunked_cross_entropy(
     the backward pass: the fp32 ``[tokens, vocab]`` logits and their gradient never exist whole (17 GB each per
     chip for DeepSeek-V3 at 32K tokens per chip and a 129K vocabulary)."""
     b, t = hidden_btd.shape[:2]
+    chunk = min(chunk, t)  # a chunk longer than the sequence would pad it: more logits, not fewer
     steps = -(-t // chunk)
     pad = steps * chunk - t
 
