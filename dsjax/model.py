@@ -152,8 +152,10 @@ class Transformer(nnx.Module):
                 h, normed, r = module(h_prev, emb, cos, sin, mask, **kw)
                 return h, (self.logits(normed) if compute_logits else normed, r)
 
-            # The first module reads the main model's final-norm output (the released weights' convention).
-            _, (mtp_out, mtp_routing) = scan_stack(self.mtp, hidden, mtp_step, xs=emb_next, layers=layers)
+            # The first module reads the main model's final-norm output (the released weights' convention). The
+            # modules are rematerialised like the layers: an MTP module is a full MoE layer, whose residuals would
+            # otherwise be kept for the backward.
+            _, (mtp_out, mtp_routing) = scan_stack(self.mtp, hidden, mtp_step, xs=emb_next, **loop)
             if compute_logits:
                 mtp_logits = mtp_out
             else:

@@ -175,7 +175,7 @@ def stage_functions(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
                     h, normed, r = module(h_prev, emb, cos, sin, mask, **kw)
                     return h, (normed, r)
 
-                _, (mtp_hidden, mtp_routing) = scan_stack(model.mtp, hidden, mtp_step, xs=emb_next, layers=cfg.layers)
+                _, (mtp_hidden, mtp_routing) = scan_stack(model.mtp, hidden, mtp_step, xs=emb_next, **loop)
                 sums = jnp.stack([xent(mtp_hidden[k - 1], k)[0] for k in range(1, depth + 1)])
                 mtp = jnp.sum(sums / jnp.maximum(counts["mtp_count"], 1)) / depth
                 loss = loss + cfg.mtp_lambda * mtp
