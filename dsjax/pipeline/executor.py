@@ -25,9 +25,10 @@ Design (see `make_engine`):
 - **B/W split.** F keeps only the stage input. B (input gradient) runs `jax.vjp` of the stage on the stored
   input with cotangents (received output gradient, 1 for its loss) and returns only the input gradient (XLA drops
   the weight-gradient half). With ``keep_residuals`` (the default) a B whose W comes later also stores the vjp
-  closure's residuals (the activations the weight gradients need, without the parameters), packed per dtype
-  into a residual buffer slot; its W rebuilds the closure from them and computes only the weight gradients: no
-  forward recompute, and the stage input is freed at B. Without it, W re-runs the vjp from the stored input.
+  closure's residuals that depend on the micro-batch (`dsjax.pipeline.residuals`: not the parameters nor what
+  they alone determine), laid out per dtype in a residual buffer slot split over the automatic mesh axes; its W
+  rebuilds the closure from them and computes only the weight gradients: no forward recompute, and the stage
+  input is freed at B. Without it, W re-runs the vjp from the stored input.
   BW and FB compute both gradients at once.
 - **FB** is one `lax.switch` branch with a forward of one micro-batch and a full backward of another: one traced
   computation with no data dependency between its halves, so XLA may interleave them (DualPipe's F&B).
@@ -51,13 +52,15 @@ different costs in one step, so the step time is the slowest rank's op (real tim
 (5) micro-batch inputs are replicated to every rank; (6) shared parameters (embedding, dense layers, head, MTP)
 are held by every stage rank (FSDP rules split them over ``data`` x ``expert`` within the rank: DeepSeek-V3's
 are ~4.6B parameters, 43 GiB per chip with their moments unsplit), and residual slots are as wide as the widest
-stage kind's (the last stage's logits, unless ``loss_chunk`` chunks the head).
+stage kind's (the last stage's logits, unless ``loss_chunk`` chunks the head). Activation, gradient and residual
+slots are split over the mesh axes that stay automatic (``expert``) along their first dimension those divide.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -70,6 +73,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from dsjax.pipeline import tables as tb
+from dsjax.pipeline.residuals import ResidualLayout, data_dependent, split_spec
 from dsjax.pipeline.schedules import Schedule
 from dsjax.pipeline.tables import Code, allocate_slots, encode, timesteps
 
@@ -193,7 +197,19 @@ def make_engine(
     def no_mesh():  # the stage functions' view when rows are split by hand and no expert axis: no collectives
         return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())) if hide_mesh else nullcontext()
 
-    residual_row: dict[str, int] = {}  # dtype -> elements of one residual slot (filled when traced)
+    residual_layout: list[ResidualLayout] = []  # the residual buffers' layout (filled when traced)
+    # Buffers the steps keep (activation, gradient and residual slots) are split over the mesh axes that stay
+    # automatic (``expert``) like the activations they hold; left to XLA, a slot buffer built by masked writes
+    # was kept whole on every device.
+    manual = {stage_axis, batch_axis} if batch_axis else {stage_axis}
+    auto_axes = tuple(a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1)
+    n_auto = math.prod(mesh.shape[a] for a in auto_axes)
+    slot_spec = split_spec(x_struct.shape, auto_axes, n_auto)
+
+    def slot_constrain(buf):  # [slots, *x_struct.shape]
+        if slot_spec is None or hide_mesh:
+            return buf
+        return lax.with_sharding_constraint(buf, P(None, *slot_spec))
 
     def place(a):  # this rank's [S/R, ...] stages at rest -> [C, ...] its chunks' (DualPipe: with mirror copies)
         if in_place:
@@ -251,9 +267,10 @@ def make_engine(
         def bwd_w(k, p, c, x, inp, dy):
             return vjp(k, p, c, x, inp, dy)[:2]
 
-        # Residuals (keep_residuals): the leaves of B's vjp closure, less the parameters (W has them), packed per
-        # dtype into one row of a buffer shared by all kinds; W rebuilds the closure from a traced template (its
-        # forward is dead code XLA removes) with the stored leaves.
+        # Residuals (keep_residuals): the leaves of B's vjp closure that depend on the micro-batch (see
+        # `dsjax.pipeline.residuals`), laid out per dtype in one row of a buffer shared by all kinds; W rebuilds
+        # the closure from a traced template (its forward is dead code XLA removes, except what only the
+        # parameters determine) with the stored leaves in place.
         def pullback(k, p, c, x, inp):
             def f(p, s, x):
                 y, loss, aux = fns[k](p, c, s, shared_c, x, inp)
@@ -262,57 +279,38 @@ def make_engine(
             with no_mesh():
                 (_, loss), pull, _ = jax.vjp(f, p, shared, x, has_aux=True)
             leaves, treedef = jax.tree.flatten(pull)
-            params = {id(a): a for a in jax.tree.leaves((p, shared))}
-            stored = [i for i, a in enumerate(leaves) if id(a) not in params]
-            return loss, leaves, treedef, stored
+            return loss, leaves, treedef
 
-        layouts = []  # per kind: [(dtype, offset, shape)] of the stored leaves
-        widths: dict = {}  # dtype -> row width (the largest over kinds)
+        stored: list[list[int]] = []  # per kind: the closure leaves B stores
+        layout = None
         if keep_residuals and Code.W in used:
             p0, c0 = jax.tree.map(lambda a: a[0], (sp, sc))
+            kinds_stored = []
             for k in kinds:
-                info = {}
-
-                def probe_k(k=k, info=info):
-                    _, leaves, _, stored = pullback(k, p0, c0, x_zero, inp0)
-                    info["stored"] = [(leaves[i].dtype, leaves[i].shape) for i in stored]
-                    return 0
-
-                jax.eval_shape(probe_k)
-                offsets: dict = {}
-                layout = []
-                for dtype, shape in info["stored"]:
-                    key = jnp.dtype(dtype)
-                    layout.append((key, offsets.get(key, 0), shape))
-                    offsets[key] = offsets.get(key, 0) + int(np.prod(shape))
-                layouts.append(layout)
-                for key, n in offsets.items():
-                    widths[key] = max(widths.get(key, 0), n)
-        dtypes = sorted(widths, key=str)
-        residual_row.clear()
-        residual_row.update({str(d): widths[d] for d in dtypes})
-        zero_rows = tuple(jnp.zeros((widths[d],), d) for d in dtypes)
-
-        def pack(leaves):
-            rows = []
-            for d in dtypes:
-                parts = [a.reshape(-1) for a in leaves if a.dtype == d]
-                row = jnp.concatenate(parts) if parts else jnp.zeros((0,), d)
-                rows.append(jnp.pad(row, (0, widths[d] - row.shape[0])))
-            return tuple(rows)
+                args = (p0, c0, x_zero, inp0)
+                closed = jax.make_jaxpr(lambda p, c, x, inp, k=k: pullback(k, p, c, x, inp)[1])(*args)
+                sources = [i in (2, 3) for i, a in enumerate(args) for _ in jax.tree.leaves(a)]
+                dependent = data_dependent(closed, sources)
+                leaves = closed.out_avals
+                stored.append([i for i, d in enumerate(dependent) if d])
+                kinds_stored.append([(leaves[i].dtype, leaves[i].shape) for i in stored[-1]])
+            layout = ResidualLayout(kinds_stored, auto_axes, n_auto)
+        residual_layout.clear()
+        if layout is not None:
+            residual_layout.append(layout)
+        zero_rows = tuple(jnp.zeros(r.shape, r.dtype) for r in layout.rows) if layout else ()
 
         def bwd_x_keep(k, p, c, x, inp, dy):
-            loss, leaves, treedef, stored = pullback(k, p, c, x, inp)
+            loss, leaves, treedef = pullback(k, p, c, x, inp)
             with no_mesh():
                 dx = jax.tree.unflatten(treedef, leaves)((dy, jnp.ones_like(loss)))[2]
-            return dx, pack([leaves[i] for i in stored])
+            return dx, layout.pack(k, [leaves[i] for i in stored[k]])
 
         def bwd_w_keep(k, p, c, x, inp, dy, rows):
-            loss, leaves, treedef, stored = pullback(k, p, c, x_zero, inp)  # a template: only its structure is used
+            loss, leaves, treedef = pullback(k, p, c, x_zero, inp)  # a template; what it keeps: parameters only
             leaves = list(leaves)
-            for i, (dtype, offset, shape) in zip(stored, layouts[k], strict=True):
-                row = rows[dtypes.index(dtype)]
-                leaves[i] = lax.dynamic_slice_in_dim(row, offset, int(np.prod(shape))).reshape(shape)
+            for i, a in zip(stored[k], layout.unpack(k, rows), strict=True):
+                leaves[i] = a
             with no_mesh():
                 return jax.tree.unflatten(treedef, leaves)((dy, jnp.ones_like(loss)))[:2]
 
@@ -326,13 +324,13 @@ def make_engine(
             return y, x_zero, loss, aux, zero_p, zero_s, zero_rows
 
         def op_b(f, b, w):
-            if dtypes:
+            if layout is not None:
                 dx, rows = by_kind(bwd_x_keep, *b)
                 return x_zero, dx, zero_loss, zero_aux, zero_p, zero_s, rows
             return x_zero, by_kind(bwd_x, *b), zero_loss, zero_aux, zero_p, zero_s, zero_rows
 
         def op_w(f, b, w):
-            if dtypes:
+            if layout is not None:
                 return x_zero, x_zero, zero_loss, zero_aux, *by_kind(bwd_w_keep, *w), zero_rows
             return x_zero, x_zero, zero_loss, zero_aux, *by_kind(bwd_w, *w[:-1]), zero_rows
 
@@ -367,7 +365,7 @@ def make_engine(
             w = (row[tb.KW], *pick(row[tb.CW]), act[row[tb.AW]], mb_inputs(row[tb.MW]), grad[row[tb.GW]],
                  tuple(r[row[tb.RW]] for r in res))  # fmt: skip
             y, dx, loss, aux, dp, ds, rows = lax.switch(row[tb.CODE], branches, f, b, w)
-            res = tuple(put(r, is_b[row[tb.CODE]], row[tb.RB], v) for r, v in zip(res, rows))
+            res = tuple(layout.constrain(put(r, is_b[row[tb.CODE]], row[tb.RB], v), 1) for r, v in zip(res, rows))
             cf, mf = row[tb.CF], row[tb.MF]
             losses = losses.at[cf, mf].set(jnp.where(has_f[row[tb.CODE]], loss, losses[cf, mf]))
             aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
@@ -379,16 +377,18 @@ def make_engine(
                     val = lax.ppermute(val, stage_axis, perms[hop])
                 valid, slot = row[tb.FIXED + 2 * k] > 0, row[tb.FIXED + 2 * k + 1]
                 if payload == "act":
-                    act = put(act, valid, slot, val)
+                    act = slot_constrain(put(act, valid, slot, val))
                 else:
-                    grad = put(grad, valid, slot, val)
+                    grad = slot_constrain(put(grad, valid, slot, val))
             return (act, grad, res, gacc, sacc, losses, aux_acc), None
 
         act = jnp.zeros((slots.act_slots, *x_struct.shape), x_struct.dtype)
         grad = jnp.zeros((slots.grad_slots, *x_struct.shape), x_struct.dtype)
         gacc = zeros(sp)
         losses = jnp.zeros((C, M), loss_struct.dtype)
-        res = tuple(jnp.zeros((slots.res_slots, widths[d]), d) for d in dtypes)
+        res = tuple(jnp.zeros((slots.res_slots, *r.shape), r.dtype) for r in (layout.rows if layout else ()))
+        act, grad = (slot_constrain(a) for a in (act, grad))
+        res = tuple(layout.constrain(r, 1) for r in res)
         state = (act, grad, res, gacc, zero_s, losses, zero_aux)
         (_, _, _, gacc, sacc, losses, aux_acc), _ = lax.scan(step, state, table[:, 0])
         if batch_axis:  # every stage's sums over its rows
@@ -426,7 +426,7 @@ def make_engine(
         return EngineResult(per_stage(losses), aux, gacc, sacc)
 
     run.slots = slots  # buffer sizes, for reports and tests
-    run.residual_row = residual_row
+    run.residual_layout = residual_layout
     run.steps = len(steps)
     return run
 
