@@ -252,13 +252,18 @@ def make_engine(
                 y, loss, aux = fns[k](p, c, shared, shared_c, x, inp)
             return x_zero if y is None else y, loss, aux
 
-        def vjp(k, p, c, x, inp, dy):
+        def pullback(k, p, c, x, inp):  # (this stage's loss, its vjp closure over (params, shared, x))
             def f(p, s, x):
                 y, loss, aux = fns[k](p, c, s, shared_c, x, inp)
                 return (x_zero if y is None else y, loss), aux  # the last stage's y: a constant, dy is dropped
 
             with no_mesh():
                 (_, loss), pull, _ = jax.vjp(f, p, shared, x, has_aux=True)
+            return loss, pull
+
+        def vjp(k, p, c, x, inp, dy):
+            loss, pull = pullback(k, p, c, x, inp)
+            with no_mesh():
                 return pull((dy, jnp.ones_like(loss)))  # (dp, ds, dx)
 
         def bwd_x(k, p, c, x, inp, dy):
@@ -271,16 +276,6 @@ def make_engine(
         # `dsjax.pipeline.residuals`), laid out per dtype in one row of a buffer shared by all kinds; W rebuilds
         # the closure from a traced template (its forward is dead code XLA removes, except what only the
         # parameters determine) with the stored leaves in place.
-        def pullback(k, p, c, x, inp):
-            def f(p, s, x):
-                y, loss, aux = fns[k](p, c, s, shared_c, x, inp)
-                return (x_zero if y is None else y, loss), aux
-
-            with no_mesh():
-                (_, loss), pull, _ = jax.vjp(f, p, shared, x, has_aux=True)
-            leaves, treedef = jax.tree.flatten(pull)
-            return loss, leaves, treedef
-
         stored: list[list[int]] = []  # per kind: the closure leaves B stores
         layout = None
         if keep_residuals and Code.W in used:
@@ -288,7 +283,7 @@ def make_engine(
             kinds_stored = []
             for k in kinds:
                 args = (p0, c0, x_zero, inp0)
-                closed = jax.make_jaxpr(lambda p, c, x, inp, k=k: pullback(k, p, c, x, inp)[1])(*args)
+                closed = jax.make_jaxpr(lambda p, c, x, inp, k=k: jax.tree.leaves(pullback(k, p, c, x, inp)[1]))(*args)
                 sources = [i in (2, 3) for i, a in enumerate(args) for _ in jax.tree.leaves(a)]
                 dependent = data_dependent(closed, sources)
                 leaves = closed.out_avals
@@ -301,14 +296,15 @@ def make_engine(
         zero_rows = tuple(jnp.zeros(r.shape, r.dtype) for r in layout.rows) if layout else ()
 
         def bwd_x_keep(k, p, c, x, inp, dy):
-            loss, leaves, treedef = pullback(k, p, c, x, inp)
+            loss, pull = pullback(k, p, c, x, inp)
+            leaves, treedef = jax.tree.flatten(pull)
             with no_mesh():
                 dx = jax.tree.unflatten(treedef, leaves)((dy, jnp.ones_like(loss)))[2]
             return dx, layout.pack(k, [leaves[i] for i in stored[k]])
 
         def bwd_w_keep(k, p, c, x, inp, dy, rows):
-            loss, leaves, treedef = pullback(k, p, c, x_zero, inp)  # a template; what it keeps: parameters only
-            leaves = list(leaves)
+            loss, pull = pullback(k, p, c, x_zero, inp)  # a template; what it keeps: parameters only
+            leaves, treedef = jax.tree.flatten(pull)
             for i, a in zip(stored[k], layout.unpack(k, rows), strict=True):
                 leaves[i] = a
             with no_mesh():
