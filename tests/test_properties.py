@@ -175,3 +175,27 @@ def test_full_size_parameter_counts():
     assert round(dsjax.count_params(v3, include_mtp=True) / 1e9, 1) == 682.6  # + 11.6B MTP (emb/head shared)
     assert round(dsjax.count_params(dsjax.abstract_model(dsjax.ModelConfig.deepseek_v2_lite())) / 1e9, 1) == 15.7
     assert round(dsjax.count_params(dsjax.abstract_model(dsjax.ModelConfig.deepseek_v2())) / 1e9, 1) == 235.7
+
+
+def test_mtp_modules_rematerialised(model):
+    """``remat`` covers the MTP modules as well as the layers: each is a full MoE layer whose residuals would
+    otherwise all be kept for the backward (one checkpointed scan body more with ``return_mtp``)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+
+    def checkpoints(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive.name in ("checkpoint", "remat", "remat2")
+            for v in eqn.params.values():
+                inner = getattr(v, "jaxpr", v)
+                if hasattr(inner, "eqns"):
+                    n += checkpoints(inner)
+        return n
+
+    def count(return_mtp):
+        def fn(m):
+            return m.forward(tokens, remat="full", layers="scan", return_mtp=return_mtp)
+
+        return checkpoints(jax.make_jaxpr(fn)(model).jaxpr)
+
+    assert count(True) == count(False) + 1
