@@ -237,6 +237,17 @@ def _layer_order(name: str):
     return (int(m.group(1)), m.group(2)) if m else (-1, name)
 
 
+@jax.jit
+def _slice_at(arr: jax.Array, index: tuple) -> jax.Array:
+    return arr[index]
+
+
+def _host_slice(arr: jax.Array, index: tuple) -> np.ndarray:
+    """``arr[index]`` on the host. The indices are traced: one compiled slice per stacked array, not one per
+    layer and expert (eager indexing compiles each constant index anew, per device layout)."""
+    return np.asarray(_slice_at(arr, tuple(np.int32(i) for i in index)) if index else arr)
+
+
 def save_pretrained(
     model: Transformer, path: str, *, dtype=None, fp8: bool | None = None, max_shard_bytes: int = 4 * 2**30
 ) -> list[str]:
@@ -280,10 +291,10 @@ def save_pretrained(
     def items():
         for name, p, idx in plan:
             spec = specs[p]
-            hf = np.ascontiguousarray(spec.to_hf(np.asarray(leaves[p][idx] if idx else leaves[p])))
+            hf = np.ascontiguousarray(spec.to_hf(_host_slice(leaves[p], idx)))
             if p in projections and hf.dtype == FP8_DTYPE and not write_fp8:
                 scale_path = (*p[:-1], p[-1] + SCALE_SUFFIX)
-                scale = specs[scale_path].to_hf(np.asarray(leaves[scale_path][idx] if idx else leaves[scale_path]))
+                scale = specs[scale_path].to_hf(_host_slice(leaves[scale_path], idx))
                 yield name, dequantize_hf(hf, scale).astype(main_dtype)
             elif p in projections and hf.dtype != FP8_DTYPE and write_fp8:
                 q, scale = _quantize_hf(hf)
