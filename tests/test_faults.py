@@ -240,6 +240,30 @@ def test_a_step_after_a_save_does_not_wait_for_it(tmp_path, monkeypatch):
     assert ckpt.all_steps() == [2] and os.path.exists(tmp_path / "2" / checkpoint_lib.CHECKSUMS_FILE)
 
 
+def test_one_process_saves_each_array_from_one_replica(tmp_path, monkeypatch):
+    """A state replicated over 8 devices is saved without slicing it per replica on device (orbax's
+    replica-parallel default sliced every replicated array 8 ways, an eager op compiled per shape and device), and
+    restores equal, replicated again."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dsjax.sharding import make_mesh
+
+    mesh = make_mesh(data=8)
+    state = jax.device_put(_small_state(3), NamedSharding(mesh, P()))
+    sliced = []
+    real_slice = jax.lax.slice_in_dim
+    monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *a, **k: sliced.append(a[0].shape) or real_slice(*a, **k))
+    ckpt = TrainCheckpointer(tmp_path, keep=2, every=1)
+    ckpt.save(3, state, {"step": 3})
+    ckpt.close()
+    assert sliced == []
+    restored, data = TrainCheckpointer(tmp_path, keep=2, every=1).restore(state)
+    assert data == {"step": 3} and _equal_trees(restored, state)
+    assert all(leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+               for leaf in jax.tree.leaves(restored))  # fmt: skip
+
+
 def test_checksum_read_errors_are_reported_not_raised(tmp_path, monkeypatch):
     """A file that cannot be read is one more problem in the report (the other processes wait for this one's
     verdict in a collective); a commit hook that finds no temporary directory fails the save clearly."""
