@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -18,8 +19,7 @@ class MetricsLog:
         kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step] if resume_step else []
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step or None)
 
     def write(self, record: dict) -> None:
@@ -31,6 +31,21 @@ class MetricsLog:
 
     def close(self) -> None:
         self._tb.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without torch: tensorboardX imports torch, if installed, only to
+    accept torch tensors (we log floats), and that import alone takes ~2 s of every run's start-up."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def read_jsonl(path: str) -> list[dict]:

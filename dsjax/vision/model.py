@@ -21,7 +21,7 @@ from flax import nnx
 from dsjax.config import ConfigError, ModelConfig
 from dsjax.layers.block import embed_lookup
 from dsjax.layers.common import param
-from dsjax.model import ModelOutput, Transformer, check_tokens, redraw_weights
+from dsjax.model import ModelOutput, Transformer, check_tokens, redraw_weights, weight_noise
 from dsjax.train.losses import cross_entropy
 from dsjax.vision.config import ProjectorConfig, ProjectorType, TilingConfig, VisionConfig
 from dsjax.vision.ops import gather_image_tokens
@@ -264,10 +264,10 @@ def create_vl_model(cfg: VLConfig, *, seed: int = 0, dtype=jnp.float32, param_dt
     def build():
         return VisionLanguageModel(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
 
-    graphdef = nnx.graphdef(nnx.eval_shape(build))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
 
     @jax.jit
-    def init():
-        return redraw_weights(nnx.split(build())[1], seed)
+    def init(noise):
+        return redraw_weights(nnx.split(build())[1], noise)
 
-    return nnx.merge(graphdef, init())
+    return nnx.merge(graphdef, init(weight_noise(abstract_state, seed)))
