@@ -41,7 +41,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dsjax.checkpoint.orbax_io import nonfinite_arrays
+from dsjax.checkpoint.orbax_io import nonfinite_arrays, pytree_handler
 from dsjax.checkpoint.safetensors_io import CheckpointError, listing
 from dsjax.train.step import TrainState
 
@@ -165,25 +165,6 @@ class _CheckpointManager(ocp.CheckpointManager):
         return False
 
 
-def _state_handler() -> ocp.PyTreeCheckpointHandler:
-    """Orbax's pytree handler, writing each array from one replica when the run is one process.
-
-    Orbax's default (``use_replica_parallel``) splits every replicated array into one slice per replica so that
-    several hosts share its write. In one process every slice ends on the same host anyway, and each slice is an
-    eager device op, compiled per shape and device: on 8 CPU devices, 5,200 slices and 23 s for the 4 saves of
-    a tiny pipelined run (profiled), 1 s without. Across processes the split is what spreads the writes: kept.
-    """
-    th = ocp.type_handlers
-    # No per-array metadata files (orbax's extension metadata, e.g. of PRNG keys, which a train state does not hold).
-    array = th.ArrayHandler(use_replica_parallel=jax.process_count() > 1, array_metadata_store=None)
-    registry = th.create_type_handler_registry(
-        (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
-        (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()), (jax.Array, array),
-        (str, th.StringHandler()),
-    )  # fmt: skip
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-
-
 class TrainCheckpointer:
     """Save / restore train states under ``directory/<step>/``.
 
@@ -216,7 +197,7 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,  # partial saves of a killed run
         )
         # Handlers named up front, so that a fresh manager can read a checkpoint's metadata before any restore.
-        handlers = {"state": _state_handler(), "data": ocp.JsonCheckpointHandler()}
+        handlers = {"state": pytree_handler(), "data": ocp.JsonCheckpointHandler()}
         self._manager = _CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
