@@ -258,6 +258,28 @@ def test_fp8_ragged_dot(backend, pow2):
     assert max_rel(dxq, dx_ref) < ORACLE_TOL
 
 
+@pytest.mark.parametrize("groups", [GROUPS, np.array([0, 0, 300, 0]), np.array([128, 128, 0, 44])])
+def test_fp8_ragged_dot_row_chunks_are_bitwise_equal(monkeypatch, groups):
+    """Large grouped GEMMs quantise and multiply a chunk of rows at a time and quantise the experts one at a
+    time (to bound their fp32 temporaries); the values are those of the whole batch at once, bit for bit,
+    with chunk edges inside groups and a padded last chunk."""
+    x = jnp.asarray(activations(13, (300, 200)))
+    w = jnp.asarray(activations(14, (len(groups), 200, 136)) * 0.02)
+    g = jnp.asarray(np.random.default_rng(15).standard_normal((300, 136)).astype(np.float32))
+    r, sizes = recipe(), jnp.asarray(groups)
+
+    def run(x, w):  # traced anew for each call below (the chunk size is read at trace time)
+        y, pullback = jax.vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, sizes, r), x, w)
+        return (y, *pullback(g))
+
+    whole = jax.jit(run)(x, w)
+    monkeypatch.setattr(fp8, "_ROW_CHUNK_BYTES", 4 * 136 * 128)  # 128-row chunks: 3 of them, 84 rows padded
+    assert fp8._row_chunk(300, 200, 128) == 128 and 4 * w.size > fp8._ROW_CHUNK_BYTES
+    chunked = jax.jit(lambda x, w: run(x, w))(x, w)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ---- 5. transformations ----------------------------------------------------------------------------------------
 
 
