@@ -369,7 +369,8 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe):
     # time: all [tiles, K, N] partial products at once would be ~5.6 GB for 8192 rows of a 7168 x 2048 expert.
     # Each chunk gathers its rows as they are (fp8 x with its scales, g in its dtype) and re-tiles them: the
     # fp32 values exist per chunk, never as [S, K] / [S, N] buffers.
-    chunk = max(1, min(num_tiles, _WGRAD_CHUNK_BYTES // (4 * k * n)))
+    # (and the chunk's rows re-tiled in fp32, [chunk, B, K + N], within the same budget)
+    chunk = max(1, min(num_tiles, _WGRAD_CHUNK_BYTES // (4 * k * n), _WGRAD_CHUNK_BYTES // (4 * b * (k + n))))
     chunks = -(-num_tiles // chunk)
     pad = chunks * chunk - num_tiles
 
