@@ -355,9 +355,13 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe):
         s = tile_scale(jnp.max(jnp.abs(v), axis=1), tile_recipe)
         return _cast(v, s[:, None, :]), s
 
-    if recipe.backend == "reference":
+    def retiled(rows, valid):  # the rows gathered as they are (fp8 x with its scales, g in its dtype), re-tiled
         x_tiles, sxt = tile_quantize(dequantize_rows(xq[rows], sx[rows], b), valid, recipe)
         g_tiles, sgt = tile_quantize(g[rows].astype(jnp.float32), valid, _grad_recipe(recipe))
+        return x_tiles, sxt, g_tiles, sgt
+
+    if recipe.backend == "reference":
+        x_tiles, sxt, g_tiles, sgt = retiled(rows, valid)
         x = (x_tiles.astype(jnp.float32) * sxt[:, None, :]).reshape(-1, k)
         gd = (g_tiles.astype(jnp.float32) * sgt[:, None, :]).reshape(-1, n)
         sizes = (group_sizes + b - 1) // b * b  # the tiles are in expert order, each expert's padded to b rows
@@ -367,9 +371,8 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe):
         return pullback(gd)[0]
     # Per-tile fp8 x fp8 -> fp32 products, scaled and added into their expert's gradient a chunk of tiles at a
     # time: all [tiles, K, N] partial products at once would be ~5.6 GB for 8192 rows of a 7168 x 2048 expert.
-    # Each chunk gathers its rows as they are (fp8 x with its scales, g in its dtype) and re-tiles them: the
-    # fp32 values exist per chunk, never as [S, K] / [S, N] buffers.
-    # (and the chunk's rows re-tiled in fp32, [chunk, B, K + N], within the same budget)
+    # Each chunk re-tiles its own rows, so the fp32 values exist per chunk ([chunk, B, K + N], within the same
+    # budget), never as [S, K] / [S, N] buffers.
     chunk = max(1, min(num_tiles, _WGRAD_CHUNK_BYTES // (4 * k * n), _WGRAD_CHUNK_BYTES // (4 * b * (k + n))))
     chunks = -(-num_tiles // chunk)
     pad = chunks * chunk - num_tiles
@@ -383,8 +386,7 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe):
 
     def add_chunk(acc, tiles_c):
         rows_c, valid_c, ec = tiles_c
-        xc, sxc = tile_quantize(dequantize_rows(xq[rows_c], sx[rows_c], b), valid_c, recipe)
-        gc, sgc = tile_quantize(g[rows_c].astype(jnp.float32), valid_c, _grad_recipe(recipe))
+        xc, sxc, gc, sgc = retiled(rows_c, valid_c)
         part = jax.lax.dot_general(xc, gc, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
         return acc.at[ec].add(part * sxc[:, :, None] * sgc[:, None, :], mode="drop"), None
 
@@ -426,16 +428,17 @@ def _grouped_fwd(recipe, axes, x, w, group_sizes):
     return y, (xq, sx, wq, sw, group_sizes, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
-def _grouped_dgrad(g, wq, sw, group_sizes, recipe, dtype):
-    """``dx = g . w^T`` per expert, a chunk of rows at a time; in ``dtype``."""
+def _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes, dtype):
+    """``dx = g . w^T`` per expert, a chunk of rows at a time, summed over ``axes``; in ``dtype``."""
     wt, swt = wq.transpose(0, 2, 1), sw.transpose(0, 2, 1)
+    chunk_dtype = jnp.float32 if axes else dtype  # fp32 until summed over the reduction axes, if any
 
     def rows(gc, gs):
         gq, sg = quantize_rows(gc, _grad_recipe(recipe))
-        return _ragged_gemm(gq, sg, wt, swt, gs, col_block=recipe.block, recipe=recipe).astype(dtype)
+        return _ragged_gemm(gq, sg, wt, swt, gs, col_block=recipe.block, recipe=recipe).astype(chunk_dtype)
 
     width = max(g.shape[1], wq.shape[1])
-    return _over_row_chunks(rows, (g,), group_sizes, _row_chunk(g.shape[0], width, recipe.block))
+    return _reduce(_over_row_chunks(rows, (g,), group_sizes, _row_chunk(g.shape[0], width, recipe.block)), axes, dtype)
 
 
 def _int_zero(group_sizes):
@@ -444,10 +447,9 @@ def _int_zero(group_sizes):
 
 def _grouped_bwd(recipe, axes, res, g):
     xq, sx, wq, sw, group_sizes, x_dtype, w_dtype = res
-    # fp32 until summed over the reduction axes, if any (as the other GEMMs' gradients)
-    dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, jnp.float32 if axes[0] else x_dtype.dtype)
+    dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
     dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe)
-    return _reduce(dx, axes[0], x_dtype.dtype), _reduce(dw, axes[1], w_dtype.dtype), _int_zero(group_sizes)
+    return dx, _reduce(dw, axes[1], w_dtype.dtype), _int_zero(group_sizes)
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
@@ -465,8 +467,7 @@ def _grouped_q_fwd(recipe, axes, x, wq, sw, group_sizes):
 
 def _grouped_q_bwd(recipe, axes, res, g):
     wq, sw, group_sizes, x_dtype = res
-    dgrad = _grouped_dgrad(g, wq, sw, group_sizes, recipe, jnp.float32 if axes[0] else x_dtype.dtype)
-    dx = _reduce(dgrad, axes[0], x_dtype.dtype)
+    dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
     return dx, jnp.zeros_like(wq), jnp.zeros_like(sw), _int_zero(group_sizes)
 
 
