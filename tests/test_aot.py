@@ -61,6 +61,22 @@ def test_hlo_flops_agree_with_xla_and_count_loop_trips(v5p):
     assert counts.matmul_flops == pytest.approx(6 * scanned.cost_analysis()["flops"], rel=0.05)
     assert counts.collectives  # FSDP-style gathers / reductions inside the loop
 
+    # Multi-head projections (MLA's q up-projection, its output projection) and their gradients: XLA:TPU lowers
+    # them to convolutions whose window lists fields by spatial dimension number while the labels order the
+    # dimensions otherwise; the count must follow the numbers (reading the window in label order counted 8%).
+    def heads(x, wq, wo):
+        q = jnp.einsum("btc,chd->bthd", x, wq)[..., :128]
+        return jnp.einsum("bthd,hdo->bto", q, wo).astype(jnp.float32).sum()
+
+    one = Mesh(np.array(v5p.devices[:1]).reshape(1), ("data",))
+    x, wq, wo = (_abstract(one, s, (None,) * len(s)) for s in ((4, 1024, 1536), (1536, 32, 192), (32, 128, 2048)))
+    for fn in (lambda x, wq, wo: jnp.einsum("btc,chd->bthd", x, wq), jax.grad(heads, argnums=(0, 1, 2))):
+        compiled = jax.jit(fn).lower(x, wq, wo).compile()
+        assert "convolution(" in compiled.as_text()
+        assert analyse_hlo(compiled.as_text()).matmul_flops == pytest.approx(
+            compiled.cost_analysis()["flops"], rel=0.01
+        )
+
     # A switch runs one branch: it costs its most expensive one (2 matmuls here), not the sum of all (3).
     def switch(i, x):
         return jax.lax.switch(i, [lambda x: x @ x, lambda x: x, lambda x: x @ x @ x], x)
@@ -68,6 +84,69 @@ def test_hlo_flops_agree_with_xla_and_count_loop_trips(v5p):
     sq = _abstract(mesh, (512, 512), (None, None))
     branched = jax.jit(switch).lower(jax.ShapeDtypeStruct((), jnp.int32), sq).compile()
     assert analyse_hlo(branched.as_text()).matmul_flops == pytest.approx(2 * 2 * 512**3, rel=0.05)
+
+
+# What newer XLA:TPU versions print: a loop with its first iteration peeled off (the copy before the loop, the
+# counter then starting at 1, behind a copy), and a kernel whose metadata string holds a newline.
+_PEELED_HLO = """HloModule peeled, entry_computation_layout={(f32[8,8]{1,0})->(s32[], f32[8,8]{1,0})}
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8]{1,0} get-tuple-element(%p), index=1
+  %d = f32[8,8]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %n = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8,8]{1,0}) tuple(%n, %d)
+}
+
+%cond (p.1: (s32[], f32[8,8])) -> pred[] {
+  %p.1 = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %bound = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i.1, %bound), direction=LT
+}
+
+ENTRY %main (x.1: f32[8,8]) -> (s32[], f32[8,8]) {
+  %x.1 = f32[8,8]{1,0} parameter(0)
+  %peeled = f32[8,8]{1,0} dot(%x.1, %x.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %kernel = f32[8,8]{1,0} custom-call(%peeled), custom_call_target="tpu_custom_call", frontend_attributes={
+kernel_metadata={
+"xprof_metadata":"{\\"tiling\\": 8}"
+}}, backend_config={"custom_call_config":{"cost_estimate":{"flops":"1000","transcendentals":"0"}}}
+  %start = s32[] constant(1)
+  %counter = s32[] copy(%start)
+  %init = (s32[], f32[8,8]{1,0}) tuple(%counter, %kernel)
+  ROOT %w = (s32[], f32[8,8]{1,0}) while(%init), condition=%cond, body=%body
+}
+
+FileNames
+1 "model.py"
+"""
+
+
+def test_splash_kernels_are_counted_with_one_row_per_device():
+    """With one row per device the splash kernels take q / k / v without their batch dimension; their flops are
+    those of the batched call with b = 1 (they were counted as 0: a V3 layer's attention at 1 x 4096 per chip)."""
+    from dsjax.aot.hlo import _splash_flops
+
+    masks = [("s8", (1, 8, 8)), ("s8", (1, 8, 8))]
+    qkv = [("bf16", (128, 4096, 192)), ("bf16", (128, 4096, 192)), ("bf16", (128, 4096, 128))]
+    for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+        unbatched = _splash_flops(kernel, [*masks, *qkv, ("s32", (4096, 128))])
+        assert unbatched > 0
+        assert unbatched == _splash_flops(kernel, [*masks, *[(dt, (1, *shape)) for dt, shape in qkv]])
+    assert _splash_flops("splash_mha_fwd", [*masks, *qkv]) == 2 * 128 * 4096 * 4097 / 2 * (192 + 128)
+
+
+def test_hlo_counts_peeled_loops_and_multiline_kernels():
+    counts = analyse_hlo(_PEELED_HLO)
+    assert counts.unknown_trip_counts == 0
+    # 5 loop iterations (counter 1..5) + the peeled one = 6 dots, and the kernel's stated cost once.
+    assert counts.matmul_flops == 6 * 2 * 8**3 + 1000
+    assert analyse_hlo(_PEELED_HLO.replace("constant(1)\n  %counter", "constant(0)\n  %counter")).matmul_flops == (
+        7 * 2 * 8**3 + 1000
+    )
 
 
 def test_fp8_grouped_gemm_temporaries_are_bounded_on_tpu(v5p, monkeypatch):
@@ -154,14 +233,17 @@ def test_model_flops_count_v3():
 
 
 @pytest.fixture(scope="module")
-def tiny_reports(v5p):
+def tiny_reports(v5p, tmp_path_factory):
     cfg = dsjax.ModelConfig.tiny()
     mesh = make_mesh(2, 2, v5p.devices)
     tc = TrainConfig(compute_dtype="bfloat16", remat="full")
     # conftest asks for "highest" matmul precision (fp32 tests on CPU); the TPU ragged-dot kernel has no fp32
     # pass for bf16 operands, and a real TPU run uses the default.
     with jax.default_matmul_precision("default"):
-        train = compile_report(train_program(cfg, tc, mesh, FSDP_RULES, batch=8, seq=64), v5p, mesh, name="train")
+        hlo = str(tmp_path_factory.mktemp("tiny_train") / "hlo.txt")
+        train = compile_report(
+            train_program(cfg, tc, mesh, FSDP_RULES, batch=8, seq=64), v5p, mesh, name="train", hlo_path=hlo
+        )
         decode = compile_report(decode_program(cfg, mesh, FSDP_RULES, batch=8, context=128), v5p, mesh, name="decode")
     return train, decode
 
@@ -181,6 +263,35 @@ def test_tiny_train_and_decode_compile_for_v5p(tiny_reports):
     train, decode = tiny_reports
     assert train["memory"]["aliased"] > 0  # the state is donated
     assert train["tokens_per_step"] == 8 * 64 and decode["tokens_per_step"] == 8
+
+
+@pytest.mark.slow
+def test_a_saved_compile_gets_the_same_report(tiny_reports, v5p, tmp_path, capsys):
+    """``--analyse``: a program compiled elsewhere (MaxText's, through scripts/maxtext_compile.py) is reported
+    from its saved memory parts and HLO exactly as dsjax's own compile is."""
+    import json
+    import shutil
+
+    from dsjax.aot.report import saved_compile_report
+
+    train = tiny_reports[0]
+    shutil.copy(train["hlo_path"], tmp_path / "hlo.txt")
+    (tmp_path / "memory.json").write_text(json.dumps(dict(memory_bytes=train["memory_bytes"], compile_s=1.5, jax="x")))
+    model_flops = train["model_flops_per_chip"] * train["chips"]
+    saved = saved_compile_report(str(tmp_path), v5p, model_flops=model_flops, tokens=train["tokens_per_step"])
+    for key in ("hbm_per_chip_gib", "memory", "fits", "flops_per_chip", "flops_ratio", "collectives", "est_mfu"):
+        assert saved[key] == train[key], key
+    assert saved["compile_s"] == 1.5 and saved["peer"] == {"jax": "x"}
+    with pytest.raises(ValueError, match="runs on 4 devices, v5p:2x2x2 has 8"):
+        saved_compile_report(str(tmp_path), target("v5p:2x2x2"), model_flops=model_flops, tokens=1)
+    # The command line: the model named describes what the saved program trains (its model flops).
+    args = ["--topology", "v5p:2x2x1", "--model", "tiny", "--per-chip-batch", "2", "--seq", "64", "--json"]
+    assert aot_main([*args, "--analyse", str(tmp_path)]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli["flops_per_chip"] == train["flops_per_chip"]
+    assert cli["model_flops_per_chip"] == pytest.approx(train["model_flops_per_chip"])
+    assert aot_main([*args, "--analyse", str(tmp_path / "missing")]) == 1
+    assert "No such file" in capsys.readouterr().err
 
 
 def test_a_program_that_does_not_fit_is_a_report(v5p):

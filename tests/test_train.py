@@ -254,3 +254,27 @@ def test_chunked_cross_entropy_chunk_longer_than_sequence():
     assert float(chunked) == pytest.approx(float(whole), rel=1e-6) and int(count) == int(mask.sum())
     jaxpr = str(jax.make_jaxpr(lambda h: losses.chunked_cross_entropy(h, head, targets, mask, chunk=64))(h))
     assert "2,64" not in jaxpr and "2,6,16" in jaxpr  # logits [rows, 6, vocab], not [rows, 64, vocab]
+
+
+def test_chunked_cross_entropy_gradients_without_recomputed_logits():
+    """The chunked loss forms each chunk's gradients in the forward pass: its gradients (hidden and head, a
+    ragged last chunk and masked targets included) equal the whole logits' ones, and the program has 3
+    head-sized matmuls per chunk (logits, d hidden, d head), not 4 (logits recomputed in the backward)."""
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(2, 10, 8)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(8, 16)) / 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 16, (2, 10)), jnp.int32)
+    mask = jnp.asarray(rng.random((2, 10)) < 0.7)
+
+    def whole(h, head):
+        return losses.cross_entropy(h @ head, targets, mask)[0] / 3.0
+
+    def chunked(h, head):
+        return losses.chunked_cross_entropy(h, head, targets, mask, chunk=4)[0] / 3.0
+
+    expect = jax.grad(whole, argnums=(0, 1))(h, head)
+    got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(h, head)
+    chex.assert_trees_all_close(got, expect, atol=1e-6, rtol=1e-5)
+    assert float(jnp.abs(got[0][~mask]).max()) == 0.0  # masked positions get no gradient
+    jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(h, head))
+    assert jaxpr.count("dot_general") == 3

@@ -110,6 +110,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--dump-hlo", metavar="PATH", help="write the compiled (optimised) HLO text here")
+    parser.add_argument(
+        "--analyse",
+        metavar="DIR",
+        help="report a train step another project compiled for --topology (memory.json + hlo.txt, as "
+        "scripts/maxtext_compile.py writes them) instead of compiling dsjax's; --model/--set/--seq/--per-chip-batch "
+        "describe the model it trains (model flops), e.g. --set model.num_nextn_predict_layers=0 for no MTP",
+    )
     return parser
 
 
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     from dsjax.aot.report import compile_report, format_report
 
     args = make_parser().parse_args(argv)
+    if args.analyse:
+        return _analyse(args)
     try:
         program, tgt, mesh = build(args)
     except (ConfigError, ValueError, RuntimeError) as e:
@@ -125,6 +134,36 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{args.model} {args.step} batch {program.tokens // (args.seq if args.step != 'decode' else 1)}"
     name += f" x {args.seq}" if args.step != "decode" else f" context {args.seq}"
     report = compile_report(program, tgt, mesh, name=name, hlo_path=args.dump_hlo)
+    print(format_report(report), flush=True)
+    if args.json:
+        print(json.dumps(report, default=float), flush=True)
+    return 0 if report.get("fits") else 2
+
+
+def _analyse(args) -> int:
+    """``--analyse DIR``: the report of a saved peer compile, with this model's flops as the reference."""
+    from dsjax.aot.flops import train_flops
+    from dsjax.aot.report import format_report, saved_compile_report
+    from dsjax.aot.targets import target as make_target
+    from dsjax.train.config import apply_overrides
+    from dsjax.yaml_config import model_config_from_dict
+
+    try:
+        if args.step != "train":
+            raise ConfigError("--analyse reads a train step (--step train)")
+        d = apply_overrides({"model": {}}, args.set)
+        cfg = model_config_from_dict({"preset": args.model, "model": d["model"]})
+        tgt = make_target(args.topology)
+        batch = args.batch if args.per_chip_batch is None else args.per_chip_batch * tgt.num_chips
+        if batch is None:
+            raise ConfigError("give --batch (global rows) or --per-chip-batch")
+        name = f"{args.analyse}: {args.model} train batch {batch} x {args.seq}"
+        report = saved_compile_report(
+            args.analyse, tgt, model_flops=train_flops(cfg, batch, args.seq), tokens=batch * args.seq, name=name
+        )
+    except (ConfigError, ValueError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(format_report(report), flush=True)
     if args.json:
         print(json.dumps(report, default=float), flush=True)

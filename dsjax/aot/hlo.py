@@ -4,7 +4,8 @@ XLA's ``cost_analysis()`` counts the body of a ``while`` loop once, so for a mod
 ``lax.scan`` it reports the flops of one layer's iteration, not of the whole stack; the GPU client gives no cost
 analysis at all. This module walks the HLO's call graph instead: every computation is weighted by how many times
 it runs (``while`` bodies by their trip count: XLA's ``known_trip_count`` where recorded, else the constant
-bound of the loop condition's ``counter < N``, which is how ``lax.scan`` loops read), and matmul-like
+bound of the loop condition's ``counter < N`` less the counter's constant start, which is how ``lax.scan``
+loops read, also after XLA peels an iteration off), and matmul-like
 instructions (``dot``, ``convolution``, ragged-dot kernels, cuBLAS GEMM calls) and collectives are counted with
 that weight. Shapes in optimised HLO are per device, so the counts are per device too.
 """
@@ -26,6 +27,7 @@ COLLECTIVES = (
     "all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute",
     "collective-broadcast",
 )  # fmt: skip
+_FLOATS = ("bf16", "f16", "f32")
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
@@ -97,7 +99,8 @@ def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
         lhs_labels, kernel_labels, out_labels = labels.groups()
         lhs, kernel, out_shape = ins[0][1], ins[1][1], out[0][1]
         window = re.search(r"window=\{([^}]*)\}", attrs)
-        spatial = [c for c in kernel_labels if c.isdigit()]
+        # The window lists its fields by spatial dimension number (0, 1, ...), whatever order the labels use.
+        spatial = sorted((c for c in kernel_labels if c.isdigit()), key=int)
         field = {}
         if window:
             for key, value in re.findall(r"(\w+)=([0-9x_\-]+)", window.group(1)):
@@ -163,13 +166,15 @@ def _mosaic_gpu_flops(out, ins) -> float:
 
 def _splash_flops(attrs: str, ins) -> float:
     """JAX's splash attention kernels state no cost: count their matmuls from the q / k / v operands
-    ``[b, h, t, d]``, assuming the causal masks dsjax gives them (``t (t + 1) / 2`` query-key pairs). The forward
-    kernel forms scores and the weighted values; the dq kernel recomputes the scores and forms dP and dQ; the dkv
-    kernel recomputes the scores and forms dP, dV and dK."""
-    four_d = [shape for _, shape in ins if len(shape) == 4]
-    if len(four_d) < 3:
+    (``[b, h, t, d]``, or ``[h, t, d]`` for one row per device), assuming the causal masks dsjax gives them
+    (``t (t + 1) / 2`` query-key pairs). The forward kernel forms scores and the weighted values; the dq kernel
+    recomputes the scores and forms dP and dQ; the dkv kernel recomputes the scores and forms dP, dV and dK."""
+    # q, k, v: the first three float operands, [b, h, t, d], or [h, t, d] where the batch per device is 1 (the
+    # kernel is then called without its batch dimension); the block masks and segment ids are integers.
+    qkv = [shape if len(shape) == 4 else (1, *shape) for dt, shape in ins if dt in _FLOATS and len(shape) in (3, 4)]
+    if len(qkv) < 3:
         return 0.0
-    (b, h, t, d_qk), v = four_d[0], four_d[2]
+    (b, h, t, d_qk), v = qkv[0], qkv[2]
     pairs = b * h * t * (t + 1) / 2
     d_v = v[-1]
     if "splash_mha_fwd" in attrs:
@@ -185,9 +190,10 @@ def analyse_hlo(text: str) -> HloCounts:
     """Loop-weighted matmul flops and collectives (count, operand bytes) of an optimised HLO module's text."""
     computations: dict[str, list[str]] = {}
     shape_of: dict[str, str] = {}  # value name -> its shape text (optimised HLO names operands without shapes)
+    line_of: dict[str, str] = {}  # value name -> its instruction
     entry = None
     current = None
-    for line in text.splitlines():
+    for line in _logical_lines(text):
         header = _HEADER.match(line)
         if header:
             current = header.group(1)
@@ -205,6 +211,7 @@ def analyse_hlo(text: str) -> HloCounts:
             instr = _INSTR.match(line)
             if instr is not None:
                 shape_of[instr.group(1)] = instr.group(2)
+                line_of[instr.group(1)] = line
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
 
@@ -243,7 +250,7 @@ def analyse_hlo(text: str) -> HloCounts:
                 add(coll, {kind: {"count": 1, "bytes": _nbytes(sent)}}, 1)
             trip = 1
             if op == "while":
-                trip = _trip_count(line, computations)
+                trip = _trip_count(line, computations, line_of)
                 if trip is None:
                     counts.unknown_trip_counts += 1
                     trip = 1
@@ -275,7 +282,25 @@ def analyse_hlo(text: str) -> HloCounts:
     return counts
 
 
-def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int | None:
+def _logical_lines(text: str) -> list[str]:
+    """The HLO text's lines with each instruction on one line. Newer XLA:TPU versions print string attributes
+    verbatim, so a kernel's metadata holding a newline continues its instruction on lines that start in column
+    0; everything else that starts there (module, computation headers, closing braces) begins a line."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        continues = lines and line and not line[0].isspace() and line.strip() != "}"
+        if continues and not line.startswith(("HloModule", "ENTRY", "%")) and not _HEADER.match(line):
+            lines[-1] += line
+        else:
+            lines.append(line)
+    return lines
+
+
+def _trip_count(while_line: str, computations: dict[str, list[str]], line_of: dict[str, str]) -> int | None:
+    """Iterations of a ``while``: XLA's ``known_trip_count``, else ``bound - start`` for a condition
+    ``counter < bound`` with a constant bound, the counter being tuple element 0 as in ``lax.scan`` loops, and
+    ``start`` its constant initial value (0 when it is not a constant). XLA peels iterations off a loop (one
+    copy of the body before it, the loop then starting its counter at 1), so the start matters."""
     m = _TRIP.search(while_line)
     if m:
         return int(m.group(1))
@@ -283,7 +308,7 @@ def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int | No
     lines = computations.get(cond.group(1), []) if cond else []
     constants = {}
     for line in lines:
-        c = re.match(r"^\s*%?([\w.\-]+)\s*=\s*s(?:32|64)\[\]\S*\s+constant\((\d+)\)", line)
+        c = _CONSTANT.match(line)
         if c:
             constants[c.group(1)] = int(c.group(2))
     for line in lines:
@@ -291,8 +316,26 @@ def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int | No
             refs = re.findall(r"%([\w.\-]+)", line[line.index("compare(") :])
             bounds = [constants[r] for r in refs if r in constants]
             if len(bounds) == 1:
-                return bounds[0]
+                return bounds[0] - _initial_counter(while_line, line_of)
     return None
+
+
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s(?:32|64)\[\]\S*\s+constant\((-?\d+)\)")
+
+
+def _initial_counter(while_line: str, line_of: dict[str, str]) -> int:
+    """The constant the loop's counter (element 0 of its initial tuple) starts from; 0 if not a constant."""
+    init = re.search(r"\bwhile\(%?([\w.\-]+)\)", while_line)
+    tuple_line = line_of.get(init.group(1), "") if init else ""
+    first = re.search(r"\btuple\(%?([\w.\-]+)", tuple_line)
+    line = line_of.get(first.group(1), "") if first else ""
+    for _ in range(4):  # through the copies XLA puts between a constant and the loop's tuple
+        copied = re.search(r"\s(?:copy|bitcast)\(%?([\w.\-]+)\)", line)
+        if copied is None:
+            break
+        line = line_of.get(copied.group(1), "")
+    start = _CONSTANT.match(line)
+    return int(start.group(2)) if start else 0
 
 
 def largest_buffers(message: str, limit: int = 8) -> list[str]:

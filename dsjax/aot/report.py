@@ -8,6 +8,9 @@ that assumes compute, HBM traffic and collectives overlap perfectly.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import time
 
 import jax
@@ -23,24 +26,15 @@ def compile_report(
     """Lower and compile ``program`` on ``mesh`` (built from ``target.devices``) and report per-chip figures.
 
     Keys: ``fits``, ``hbm_per_chip_gib`` (arguments + outputs - aliased + temporaries), ``chip_hbm_gib``,
-    ``memory`` (the parts, GiB), ``flops_per_chip`` (compiled matmul flops, loop-weighted),
+    ``memory`` (the parts, GiB; ``memory_bytes`` in bytes), ``flops_per_chip`` (compiled matmul flops, loop-weighted),
     ``model_flops_per_chip``, ``flops_ratio`` (compiled / model), ``xla_cost_flops`` (XLA's cost analysis as
     reported, loop bodies once; None on GPU), ``bytes_accessed``, ``collectives`` (kind -> count, bytes),
     ``est_step_s``, ``est_mfu``, ``est_tokens_per_s_per_chip``, ``compile_s``. A program that does not fit
     (or fails to compile) gives ``fits: False`` with the compiler's message and the largest buffers it lists.
-    ``hlo_path``: also write the optimised HLO text there.
+    ``hlo_path``: also write the optimised HLO text there (and report the path as ``hlo_path``).
     """
-    chips = mesh.size
-    report = dict(
-        name=name,
-        target=target.name,
-        chip=target.chip.name,
-        chips=chips,
-        mesh={k: int(v) for k, v in mesh.shape.items()},
-        chip_hbm_gib=round(target.chip.hbm_bytes / GIB, 2),
-        model_flops_per_chip=program.model_flops / chips,
-        tokens_per_step=program.tokens,
-    )
+    mesh_sizes = {k: int(v) for k, v in mesh.shape.items()}
+    report = _header(name, target, mesh.size, mesh_sizes, model_flops=program.model_flops, tokens=program.tokens)
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
@@ -69,20 +63,40 @@ def compile_report(
         temporaries=mem.temp_size_in_bytes,
         code=mem.generated_code_size_in_bytes,
     )
-    total = parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"]
-    report["memory"] = {k: round(v / GIB, 3) for k, v in parts.items()}
-    report["hbm_per_chip_gib"] = round(total / GIB, 2)
-    report["fits"] = bool(total <= target.chip.hbm_bytes)
-
     text = compiled.as_text()
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(text)
-    hlo = analyse_hlo(text)
+        report["hlo_path"] = hlo_path
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     report["xla_cost_flops"] = float(cost["flops"]) if cost and "flops" in cost else None
     report["bytes_accessed"] = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
+    _add_figures(report, parts, text, target.chip, tokens=program.tokens)
+    return report
+
+
+def _header(name: str, target: Target, chips: int, mesh_sizes: dict, *, model_flops: float, tokens: int) -> dict:
+    return dict(
+        name=name,
+        target=target.name,
+        chip=target.chip.name,
+        chips=chips,
+        mesh=mesh_sizes,
+        chip_hbm_gib=round(target.chip.hbm_bytes / GIB, 2),
+        model_flops_per_chip=model_flops / chips,
+        tokens_per_step=tokens,
+    )
+
+
+def _add_figures(report: dict, parts: dict[str, int], hlo_text: str, chip, *, tokens: int) -> None:
+    """Memory, flops, collectives and the roofline from a compiled program's memory parts (bytes) and HLO."""
+    total = parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"]
+    report["memory"] = {k: round(v / GIB, 3) for k, v in parts.items()}
+    report["memory_bytes"] = dict(parts)
+    report["hbm_per_chip_gib"] = round(total / GIB, 2)
+    report["fits"] = bool(total <= chip.hbm_bytes)
+    hlo = analyse_hlo(hlo_text)
     report["flops_per_chip"] = hlo.matmul_flops
     report["flops_ratio"] = round(hlo.matmul_flops / report["model_flops_per_chip"], 3)
     report["collectives"] = hlo.as_dict()["collectives"]
@@ -91,7 +105,7 @@ def compile_report(
 
     # Roofline: matmuls at the bf16 peak; HBM traffic at least the state read and written plus temporaries
     # once; collectives over the chip's interconnect. Perfect overlap -> max of the three.
-    chip = target.chip
+    chips = report["chips"]
     t_compute = hlo.matmul_flops / chip.bf16_flops
     t_memory = (2 * (parts["arguments"] + parts["outputs"]) + parts["temporaries"]) / chip.hbm_bandwidth
     t_comm = hlo.collective_bytes / chip.interconnect_bandwidth
@@ -99,8 +113,38 @@ def compile_report(
     report["est_times_s"] = dict(compute=t_compute, memory=t_memory, collectives=t_comm)
     report["est_step_s"] = step
     report["est_mfu"] = round(report["model_flops_per_chip"] / (step * chip.bf16_flops), 4) if step else None
-    report["est_tokens_per_s_per_chip"] = program.tokens / chips / step if step else None
+    report["est_tokens_per_s_per_chip"] = tokens / chips / step if step else None
+
+
+def saved_compile_report(directory: str, target: Target, *, model_flops: float, tokens: int, name: str = "") -> dict:
+    """The same report for a program another project compiled and saved: ``directory`` holds ``memory.json``
+    (``memory_bytes``: arguments, outputs, aliased, temporaries, code; ``compile_s``; the rest is kept as
+    ``peer``) and ``hlo.txt`` (the optimised HLO), as ``scripts/maxtext_compile.py`` writes them.
+    ``model_flops`` / ``tokens``: of the whole step (all chips), for the model that program trains."""
+    with open(os.path.join(directory, "memory.json")) as f:
+        record = json.load(f)
+    with open(os.path.join(directory, "hlo.txt")) as f:
+        text = f.read()
+    chips = target.num_chips
+    report = _header(name, target, chips, {}, model_flops=model_flops, tokens=tokens)
+    report.update(
+        compile_s=record.get("compile_s"),
+        peer={k: v for k, v in record.items() if k not in ("memory_bytes", "compile_s")},
+        xla_cost_flops=None,
+        bytes_accessed=None,
+    )
+    devices = _device_count(text)
+    if devices is not None and devices != chips:
+        raise ValueError(f"{directory}: the saved program runs on {devices} devices, {target.name} has {chips}")
+    _add_figures(report, record["memory_bytes"], text, target.chip, tokens=tokens)
     return report
+
+
+def _device_count(hlo_text: str) -> int | None:
+    """``num_partitions`` from the HLO module header (None if absent)."""
+    head = hlo_text[: hlo_text.find("\n")]
+    match = re.search(r"num_partitions=(\d+)", head)
+    return int(match.group(1)) if match else None
 
 
 def format_report(r: dict) -> str:
