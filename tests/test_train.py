@@ -254,6 +254,7 @@ def test_chunked_cross_entropy_chunk_longer_than_sequence():
     assert float(chunked) == pytest.approx(float(whole), rel=1e-6) and int(count) == int(mask.sum())
     jaxpr = str(jax.make_jaxpr(lambda h: losses.chunked_cross_entropy(h, head, targets, mask, chunk=64))(h))
     assert "2,64" not in jaxpr and "2,6,16" in jaxpr  # logits [rows, 6, vocab], not [rows, 64, vocab]
+    assert jaxpr.count("dot_general") == 1  # without differentiation: the logits alone, no gradients formed
 
 
 def test_chunked_cross_entropy_gradients_without_recomputed_logits():

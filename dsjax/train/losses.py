@@ -42,8 +42,8 @@ def chunked_cross_entropy(
     head_dtype = head_dv.dtype
 
     @jax.custom_vjp
-    def fused(chunks, head):
-        return _chunked_ce_with_grads(chunks, head)[0]
+    def fused(chunks, head):  # called without differentiation: the loss alone
+        return jax.lax.scan(lambda total, xs: (total + _chunk_ce(*xs, head)[0], None), jnp.zeros(()), chunks)[0]
 
     def fused_fwd(chunks, head):
         total, dh, dw = _chunked_ce_with_grads(chunks, head)
@@ -58,13 +58,19 @@ def chunked_cross_entropy(
     return fused(chunks, head_dv), jnp.sum(mask_bt)
 
 
-def _chunk_ce_and_grads(h_bcd, t_bc, m_bc, head_dv):
-    """One chunk's summed cross-entropy, d(sum)/d(hidden) and d(sum)/d(head) (fp32), from one set of logits."""
+def _chunk_ce(h_bcd, t_bc, m_bc, head_dv):
+    """One chunk's summed cross-entropy (fp32), with its logits and their log-sum-exp."""
     w = head_dv.astype(h_bcd.dtype)
     logits = jnp.einsum("bcd,dv->bcv", h_bcd, w, preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, t_bc[..., None], axis=-1)[..., 0]
-    loss = jnp.sum(jnp.where(m_bc, lse - target_logit, 0.0))
+    return jnp.sum(jnp.where(m_bc, lse - target_logit, 0.0)), logits, lse
+
+
+def _chunk_ce_and_grads(h_bcd, t_bc, m_bc, head_dv):
+    """One chunk's summed cross-entropy, d(sum)/d(hidden) and d(sum)/d(head) (fp32), from one set of logits."""
+    w = head_dv.astype(h_bcd.dtype)
+    loss, logits, lse = _chunk_ce(h_bcd, t_bc, m_bc, head_dv)
     onehot = jax.nn.one_hot(t_bc, logits.shape[-1], dtype=jnp.float32)
     dlogits = jnp.where(m_bc[..., None], jnp.exp(logits - lse[..., None]) - onehot, 0.0).astype(h_bcd.dtype)
     dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(h_bcd.dtype)
