@@ -79,8 +79,8 @@ class Transformer(nnx.Module):
         With concrete inputs the call runs a cached jit-compiled forward; inside a user's ``jax.jit`` it traces
         :meth:`forward` directly. ``options``: ``attention`` (auto|naive|absorbed|xla|splash, see
         :data:`~dsjax.layers.mla.ATTENTION_IMPLS`), ``dispatch``
-        (auto|ragged|blocked|dense|ep), ``remat`` (none|full|dots|offload), ``layers`` (auto|scan|unroll: how the
-        layer stacks are looped, see :func:`~dsjax.layers.common.scan_stack`).
+        (auto|ragged|blocked|dense|ep), ``remat`` (none|full|dots|offload|offload_attn), ``layers``
+        (auto|scan|unroll: how the layer stacks are looped, see :func:`~dsjax.layers.common.scan_stack`).
         """
         tokens = check_tokens(tokens, self.config)
         for name, value in (("positions", positions), ("segment_ids", segment_ids)):

@@ -236,7 +236,7 @@ def test_model_flops_count_v3():
 def tiny_reports(v5p, tmp_path_factory):
     cfg = dsjax.ModelConfig.tiny()
     mesh = make_mesh(2, 2, v5p.devices)
-    tc = TrainConfig(compute_dtype="bfloat16", remat="full")
+    tc = TrainConfig(compute_dtype="bfloat16", remat="offload_attn")
     # conftest asks for "highest" matmul precision (fp32 tests on CPU); the TPU ragged-dot kernel has no fp32
     # pass for bf16 operands, and a real TPU run uses the default.
     with jax.default_matmul_precision("default"):
@@ -262,6 +262,8 @@ def test_tiny_train_and_decode_compile_for_v5p(tiny_reports):
         assert {"all-to-all", "ragged-all-to-all"} & set(report["collectives"])
     train, decode = tiny_reports
     assert train["memory"]["aliased"] > 0  # the state is donated
+    # remat=offload_attn keeps two [rows, seq, d] tensors per layer in host memory; decode keeps nothing there
+    assert train["memory_bytes"]["host_temporaries"] > 0 and decode["memory_bytes"]["host_temporaries"] == 0
     assert train["tokens_per_step"] == 8 * 64 and decode["tokens_per_step"] == 8
 
 

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.ops.ep import capacity_rows, dropped_slots, moe_expert_parallel
-from dsjax.ops.moe import moe_dense, moe_ragged
+from dsjax.ops.moe import combine_slots, moe_dense, moe_ragged
 from dsjax.sharding import make_mesh
 
 D, F, M = 16, 12, 32  # tokens divisible by the 8 devices: 4 per device
@@ -84,6 +84,34 @@ def test_expert_parallel_matches_single_device(data, expert, num_experts, k, ske
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-5, rtol=1e-5)
     if skewed:  # experts that receive nothing get exactly zero gradient
         chex.assert_trees_all_equal(grads[2][k:], jnp.zeros_like(grads[2][k:]))
+
+
+@pytest.mark.parametrize("layout", ["mkd", "kmd"])
+def test_combine_keeps_bf16_expert_outputs_for_the_backward(layout):
+    """Weighting and summing the experts' bf16 outputs in fp32: the values and gradients of the einsum of the
+    fp32 casts (to rounding of the weights' gradient), but the backward saves the bf16 outputs, not their fp32
+    cast (twice the bytes, the FP8 V3 layer step's second-largest buffer at its peak)."""
+    m, k, d = 12, 3, 8
+    shape = (m, k, d) if layout == "mkd" else (k, m, d)
+    y = jax.random.normal(jax.random.key(0), shape).astype(jnp.bfloat16)
+    w = jax.random.uniform(jax.random.key(1), (m, k))
+    g = jax.random.normal(jax.random.key(2), (m, d))
+
+    def einsum(y, w):
+        return jnp.sum(jnp.einsum(f"{layout},mk->md", y.astype(jnp.float32), w) * g)
+
+    def combine(y, w):
+        return jnp.sum(combine_slots(y, w, layout, jnp.float32) * g)
+
+    expect = jax.value_and_grad(einsum, argnums=(0, 1))(y, w)
+    got = jax.jit(jax.value_and_grad(combine, argnums=(0, 1)))(y, w)
+    chex.assert_trees_all_close(got, expect, rtol=1e-6, atol=1e-6)
+    assert got[1][0].dtype == jnp.bfloat16
+    _, saved = jax.vjp(combine, y, w)
+    residuals = [x for x in jax.tree.leaves(saved) if getattr(x, "shape", None) == shape]
+    assert residuals and all(x.dtype == jnp.bfloat16 for x in residuals)
+    _, saved = jax.vjp(einsum, y, w)  # the plain einsum keeps the fp32 cast: what the op is for
+    assert any(getattr(x, "shape", None) == shape and x.dtype == jnp.float32 for x in jax.tree.leaves(saved))
 
 
 def test_falls_back_to_ragged_without_expert_parallelism():

@@ -1,5 +1,8 @@
 """Property tests of the model and its ops (chex assertions, hypothesis over small fixed shape sets)."""
 
+import contextlib
+import io
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.ad_checkpoint import print_saved_residuals
 
 import dsjax
 from dsjax.layers.moe import MoE
@@ -143,10 +147,33 @@ def test_remat_and_layer_loops_match(model):
 
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))
     base_loss, base_grads = value_and_grad(params, "none", "unroll")
-    for remat, layers in (("none", "scan"), ("full", "unroll"), ("dots", "scan")):
+    for remat, layers in (("none", "scan"), ("full", "unroll"), ("dots", "scan"), ("offload_attn", "scan")):
         value, grads = value_and_grad(params, remat, layers)
         chex.assert_trees_all_close(value, base_loss, rtol=1e-6)
         chex.assert_trees_all_close(grads, base_grads, atol=1e-7, rtol=1e-5)
+
+
+def test_offload_policies_save_their_named_tensors_to_host(model):
+    """``offload`` keeps each layer's input in host memory and nothing else; ``offload_attn`` also the attention
+    block's output: one and two host residuals per decoder layer (MTP module included)."""
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    layers = CFG.num_hidden_layers + CFG.num_nextn_predict_layers
+
+    def residuals(remat):
+        def loss(params):
+            out = nnx.merge(graphdef, params, rest).forward(tokens, remat=remat, layers="unroll", return_mtp=True)
+            return jnp.mean(out.logits**2) + jnp.mean(out.mtp_logits**2)
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            print_saved_residuals(loss, params)
+        return buf.getvalue().splitlines()
+
+    for remat, per_layer in (("offload", 1), ("offload_attn", 2)):
+        host = [line for line in residuals(remat) if "<host>" in line]
+        assert len(host) == per_layer * layers, host
+        assert all(f"[2,8,{CFG.hidden_size}]" in line for line in host)
 
 
 def test_v3_routing_rules():

@@ -62,6 +62,8 @@ def compile_report(
         aliased=mem.alias_size_in_bytes,
         temporaries=mem.temp_size_in_bytes,
         code=mem.generated_code_size_in_bytes,
+        # What remat offload keeps in the host's memory (per chip; not part of HBM).
+        host_temporaries=getattr(mem, "host_temp_size_in_bytes", 0),
     )
     text = compiled.as_text()
     if hlo_path:
@@ -118,8 +120,8 @@ def _add_figures(report: dict, parts: dict[str, int], hlo_text: str, chip, *, to
 
 def saved_compile_report(directory: str, target: Target, *, model_flops: float, tokens: int, name: str = "") -> dict:
     """The same report for a program another project compiled and saved: ``directory`` holds ``memory.json``
-    (``memory_bytes``: arguments, outputs, aliased, temporaries, code; ``compile_s``; the rest is kept as
-    ``peer``) and ``hlo.txt`` (the optimised HLO), as ``scripts/maxtext_compile.py`` writes them.
+    (``memory_bytes``: arguments, outputs, aliased, temporaries, code, optionally host_temporaries; ``compile_s``;
+    the rest is kept as ``peer``) and ``hlo.txt`` (the optimised HLO), as ``scripts/maxtext_compile.py`` writes them.
     ``model_flops`` / ``tokens``: of the whole step (all chips), for the model that program trains."""
     with open(os.path.join(directory, "memory.json")) as f:
         record = json.load(f)
@@ -159,7 +161,8 @@ def format_report(r: dict) -> str:
         head,
         f"  HBM per chip {r['hbm_per_chip_gib']} GiB of {r['chip_hbm_gib']}"
         f" ({'fits' if r['fits'] else 'DOES NOT FIT'}):"
-        f" arguments {m['arguments']}, outputs {m['outputs']}, aliased {m['aliased']}, temporaries {m['temporaries']}",
+        f" arguments {m['arguments']}, outputs {m['outputs']}, aliased {m['aliased']}, temporaries {m['temporaries']}"
+        + (f"; host memory {m['host_temporaries']} GiB" if m.get("host_temporaries") else ""),
         f"  flops per chip {r['flops_per_chip']:.4g} compiled vs {r['model_flops_per_chip']:.4g} model"
         f" (ratio {r['flops_ratio']})",
         "  collectives: "

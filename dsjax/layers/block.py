@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
-from dsjax.layers.common import MLP, config_norm, param
+from dsjax.layers.common import ATTN_OUT, MLP, config_norm, param
 from dsjax.layers.mla import MLA
 from dsjax.layers.moe import MoE
 from dsjax.ops.routing import Routing
@@ -39,7 +40,8 @@ class DecoderLayer(nnx.Module):
 
         ``kv_fn`` is the attention's cache hook (see :meth:`MLA.__call__`); None attends within ``x``.
         """
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, attention, kv_fn)
+        attn = self.attn(self.attn_norm(x_btd), cos, sin, mask_bts, attention, kv_fn)
+        x_btd = x_btd + checkpoint_name(attn, ATTN_OUT)
         x_btd = shard(x_btd, ("batch", "seq", "act_embed"))
         h = self.ffn_norm(x_btd)
         routing: Routing | None = None

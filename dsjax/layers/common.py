@@ -143,6 +143,7 @@ def stacked(n: int, make: Callable[[nnx.Rngs], M], rngs: nnx.Rngs, *, axis: str 
 
 
 LAYER_INPUT = "layer_input"  # checkpoint name of each layer's input activation (see the ``offload`` policy)
+ATTN_OUT = "attn_out"  # checkpoint name of the attention block's output, after its output projection
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -153,6 +154,16 @@ _REMAT_POLICIES = {
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[],
         names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
+    # As ``offload``, with the attention block's projected output in host memory too (MaxText's V3 recipe offloads
+    # its `out_proj` the same way): the backward rebuilds the FFN's input from the two saved tensors and skips
+    # the output projection's forward matmul (heads x v_head x d per token, 2/3 of MLA's non-attention
+    # recompute on DeepSeek-V3), for a second tokens x d tensor per layer in host memory.
+    "offload_attn": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT, ATTN_OUT],
         offload_src="device",
         offload_dst="pinned_host",
     ),
@@ -174,7 +185,8 @@ def scan_stack(stack: M, carry, body: Callable[..., tuple], *, xs=None, remat: s
     writing them into) stacked buffers, 20-25% of a small model's train step on CPU (measured); compile time
     grows with depth. ``"auto"`` unrolls stacks of at most ``UNROLL_MAX_LAYERS`` layers.
     ``remat``: ``none``, ``full`` (recompute everything in the backward pass), ``dots`` (keep matmul outputs) or
-    ``offload`` (recompute everything, with each layer's input saved to host memory).
+    ``offload`` (recompute everything, with each layer's input saved to host memory) or ``offload_attn``
+    (``offload`` plus the attention block's output, named ``ATTN_OUT`` by the layer).
     """
     if remat not in _REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; choose one of {sorted(_REMAT_POLICIES)}")

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from dsjax.ops.moe import moe_ragged, swiglu
+from dsjax.ops.moe import combine_slots, moe_ragged, swiglu
 from dsjax.sharding import active_platform
 
 EXCHANGES = ("auto", "all_to_all", "ragged")
@@ -264,7 +264,7 @@ def _moe_local(
 
     inverse = jnp.zeros((slots,), jnp.int32).at[order].set(jnp.arange(slots, dtype=jnp.int32))
     y_slots = y_sent[inverse].reshape(k, m, -1)
-    return jnp.einsum("kmd,mk->md", y_slots.astype(accum_dtype), weights_mk.astype(accum_dtype)).astype(x_md.dtype)
+    return combine_slots(y_slots, weights_mk, "kmd", accum_dtype).astype(x_md.dtype)
 
 
 def _ragged_plan(counts_srj, rows):
