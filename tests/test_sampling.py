@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from dsjax.infer.sampling import (
     Sampling,
+    categorical,
+    first_argmax,
     log_probs,
     make_sampling,
     row_keys,
@@ -50,6 +52,22 @@ def test_samples_follow_the_filtered_distribution(sampling, expected):
 def test_greedy_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (5, 17))
     np.testing.assert_array_equal(sample(logits, row_keys(0, 5), Sampling()), np.argmax(logits, -1))
+
+
+def test_first_argmax_and_categorical_equal_jax():
+    """The CPU-fast argmax and categorical draw give jax's own results: ties (the first index), -inf entries,
+    rows all -inf, NaN (counted as the maximum, as jnp.argmax does) and a draw over masked logits."""
+    x = np.asarray(jax.random.randint(jax.random.key(1), (64, 33), 0, 4), np.float32)  # many ties
+    x[3] = -np.inf
+    x[5, 7] = np.inf
+    x[6, [2, 9]] = np.nan
+    x[8, ::2] = -np.inf
+    np.testing.assert_array_equal(jax.jit(first_argmax)(x), jnp.argmax(jnp.asarray(x), -1))
+    keys = row_keys(3, 64)
+    logits = jnp.where(
+        jax.random.uniform(jax.random.key(2), (64, 33)) < 0.5, -jnp.inf, jax.random.normal(keys[0], (64, 33))
+    )
+    np.testing.assert_array_equal(jax.jit(categorical)(keys, logits), jax.vmap(jax.random.categorical)(keys, logits))
 
 
 @pytest.mark.parametrize("s", [Sampling(1.0, 0, 1.0), Sampling(0.7, 3, 0.9), Sampling(0.0, 0, 1.0)])

@@ -28,6 +28,7 @@ from dsjax.infer.cache import KVCache, init_cache
 from dsjax.infer.forward import first_mtp_layer, forward_cached, mtp_cached
 from dsjax.infer.sampling import (
     Sampling,
+    categorical,
     log_probs,
     make_sampling,
     row_keys,
@@ -101,7 +102,7 @@ def _draft(logits_bv, keys_b, sampling: Sampling):
     if sampling.greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32), None
     logp = log_probs(logits_bv, sampling)
-    return jax.vmap(jax.random.categorical)(keys_b, logp).astype(jnp.int32), logp
+    return categorical(keys_b, logp), logp
 
 
 def _emit(out, count, tokens, write):

@@ -76,6 +76,23 @@ def log_probs(logits_bv: jax.Array, s: Sampling) -> jax.Array:
     return jax.nn.log_softmax(logits, axis=-1)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (the first maximum; a NaN counts as the maximum, as there), int32, computed as
+    a max followed by the smallest index holding it: two plain reductions that XLA:CPU vectorises, where
+    argmax's variadic (value, index) reduction runs element by element (3.6x slower over ``[32, 1024]``)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == top) | (jnp.isnan(x) & jnp.isnan(top))
+    return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
+def categorical(keys_b: jax.Array, logits_bv: jax.Array) -> jax.Array:
+    """``jax.vmap(jax.random.categorical)(keys_b, logits_bv)``, the same draws (Gumbel noise of each row's key
+    plus the logits, then the first maximum) in half the time on CPU: the argmax as :func:`first_argmax`, the
+    noise left out of its reduction (XLA had fused it into the element-by-element argmax)."""
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits_bv.shape[1:], logits_bv.dtype))(keys_b)
+    return first_argmax(noise + logits_bv)
+
+
 def sample(logits_bv: jax.Array, keys_b: jax.Array, s: Sampling) -> jax.Array:
     """Next token per row, int32 ``[b]``: argmax when greedy, else a draw from :func:`log_probs`."""
     return sample_with_logp(logits_bv, keys_b, s)[0]
@@ -89,7 +106,7 @@ def sample_with_logp(logits_bv: jax.Array, keys_b: jax.Array, s: Sampling) -> tu
         logp = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
     else:
         logp = log_probs(logits_bv, s)
-        token = jax.vmap(jax.random.categorical)(keys_b, logp).astype(jnp.int32)
+        token = categorical(keys_b, logp)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
@@ -111,5 +128,5 @@ def speculative_accept(
     residual = jnp.maximum(p - q, 0.0)
     # If p == q numerically the residual vanishes; a rejection is then (almost) impossible, so any choice is fine.
     residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p)
-    replacement = jax.vmap(jax.random.categorical)(k_resample, jnp.log(residual)).astype(jnp.int32)
+    replacement = categorical(k_resample, jnp.log(residual))
     return accepted, jnp.where(accepted, draft_b, replacement)
