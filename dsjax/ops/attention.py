@@ -42,8 +42,9 @@ class AttentionMask(NamedTuple):
         return attention_mask(self.q_positions, self.kv_positions, self.q_segments, self.kv_segments)
 
 
-def _softmax(scores_bhts: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    scores = jnp.where(mask_bts[:, None], scores_bhts.astype(jnp.float32), _NEG_INF)
+def _softmax(scores: jax.Array, mask_bts: jax.Array, head_axis: int = 1) -> jax.Array:
+    """fp32 softmax over the last axis of ``[b, h, t, s]`` scores (``head_axis=2``: ``[b, t, h, s]``), masked."""
+    scores = jnp.where(jnp.expand_dims(mask_bts, head_axis), scores.astype(jnp.float32), _NEG_INF)
     return jax.nn.softmax(scores, axis=-1)
 
 
@@ -80,7 +81,6 @@ def mla_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale, *, nope_dim: int)
     # sequence over its (t, h) rows. The head-major [b, h, t, s] form made XLA:CPU run the output product as a
     # transposed-operand dot, 3x slower at decode sizes.
     scores = jnp.einsum("bthc,bsc->bths", q_lat, c_kv) + jnp.einsum("bthr,bsr->bths", q_pe, k_pe)
-    scores = jnp.where(mask[:, :, None], (scores * scale).astype(jnp.float32), _NEG_INF)  # as mla_naive rounds
-    probs = jax.nn.softmax(scores, axis=-1).astype(c_kv.dtype)
+    probs = _softmax(scores * scale, mask, head_axis=2).astype(c_kv.dtype)
     o_lat = jnp.einsum("bths,bsc->bthc", probs, c_kv)
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
