@@ -1,7 +1,7 @@
 """R1-Zero in miniature, the project's main job: pretrain a small DeepSeek-V3-architecture model on a synthetic
 corpus, then GRPO with rule rewards only; held-out pass@1 and format rate before and after.
 
-  python scripts/r1_zero.py [--out runs/r1_zero] [--rl-steps N] [--pretrain-steps N] [--seed S]
+  python scripts/r1_zero.py [--out runs/r1_zero] [--rl-steps N] [--pretrain-steps N] [--seed S] [--base RUN/base/hf]
                             [--set grpo.learning_rate=1e-4 --set questions=16 ...]
 
 Writes ``results.json`` (base_pass1, rl_pass1, base_format, rl_format, seconds, train-rollout accuracy by window,
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a ZeroConfig field (questions=16) or a GRPOConfig one (grpo.learning_rate=1e-4)")  # fmt: skip
+    p.add_argument("--base", default=None, metavar="HF_DIR",
+                   help="start GRPO from an earlier run's base model (RUN/base/hf) instead of pretraining")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     zc = dataclasses.replace(defaults, pretrain_steps=args.pretrain_steps, rl_steps=args.rl_steps, seed=args.seed)
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     except (TypeError, ValueError) as e:
         p.error(str(e))
     try:
-        r = run(zc, args.out, progress=not args.quiet)
+        r = run(zc, args.out, progress=not args.quiet, base_model=args.base)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

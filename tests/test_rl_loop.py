@@ -139,6 +139,17 @@ def test_grpo_run_resumes_exactly(tmp_path, monkeypatch):
     assert any(r["ds_generate_calls"] > 1 for r in a) and all(r["ds_groups_trained"] == 2 for r in a)
 
 
+def test_rl_learning_rate_is_constant_by_default_and_else_warmup_then_cosine():
+    assert RLTrainConfig(steps=10).learning_rate(1e-4) == 1e-4  # R1 / DAPO: constant
+    schedule = RLTrainConfig(steps=10, warmup_steps=2, min_lr_ratio=0.1).learning_rate(1e-4, updates_per_step=2)
+    lrs = np.asarray([schedule(i) for i in range(22)])  # counted in optimizer updates: mu = 2 per round
+    np.testing.assert_allclose(lrs[[0, 2, 4, 20, 21]], [0.0, 5e-5, 1e-4, 1e-5, 1e-5], rtol=1e-6)
+    assert (np.diff(lrs[:5]) > 0).all() and (np.diff(lrs[4:21]) < 0).all()
+    for bad in (dict(warmup_steps=10), dict(warmup_steps=-1), dict(min_lr_ratio=1.5), dict(min_lr_ratio=-0.1)):
+        with pytest.raises(ValueError, match="warmup_steps"):
+            RLTrainConfig(steps=10, **bad)
+
+
 def test_evaluate_and_corpus(tmp_path):
     assert worked_reasoning(47, 38) == "7+8=15\n4+3+1=8"
     assert worked_reasoning(5, 95) == "5+5=10\n0+9+1=10"
@@ -158,6 +169,7 @@ def test_evaluate_and_corpus(tmp_path):
     write_transcripts(result, str(tmp_path / "t.md"), "Base", problems=2)
     text = (tmp_path / "t.md").read_text()
     assert text.startswith("# Base") and text.count("## ") == 4 and f"## {rows[0]['question']} = " in text
+    assert "2 samples per problem" in text
 
 
 def test_group_advantages_of_real_rewards_are_centred():

@@ -43,7 +43,10 @@ class RLTrainConfig:
     Attributes:
       steps: rollout + update rounds. questions: questions per round (each gets ``G`` completions).
       template: prompt text with ``{question}``. seed: sampling seed (questions and completions).
-      weight_decay, grad_clip, b1, b2: AdamW (constant learning rate ``GRPOConfig.learning_rate``).
+      weight_decay, grad_clip, b1, b2: AdamW (peak learning rate ``GRPOConfig.learning_rate``).
+      warmup_steps, min_lr_ratio: the learning rate rises linearly from 0 over ``warmup_steps`` rounds, then
+        follows a cosine from the peak down to ``peak * min_lr_ratio`` at round ``steps``; the defaults (0, 1.0)
+        keep it constant, as R1 and DAPO do.
       log_every, checkpoint_every, keep_checkpoints: outputs.
       max_runtime_s: stop cleanly (checkpoint, then :class:`~dsjax.train.preemption.Preempted`) after the first
         round that ends this many seconds after the start; 0 = no limit. A SIGTERM does the same.
@@ -61,10 +64,29 @@ class RLTrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     max_runtime_s: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
 
     def __post_init__(self):
         if self.max_runtime_s < 0:
             raise ValueError(f"max_runtime_s must be >= 0 (0 = no limit), got {self.max_runtime_s}")
+        if not 0 <= self.warmup_steps < max(self.steps, 1) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}) and "
+                             f"min_lr_ratio={self.min_lr_ratio} in [0, 1]")  # fmt: skip
+
+    def learning_rate(self, peak: float, updates_per_step: int = 1) -> float | optax.Schedule:
+        """``peak`` itself when constant, else the warmup + cosine schedule over the rounds, in optimizer
+        updates (``updates_per_step``: GRPO's ``mu``)."""
+        if self.warmup_steps == 0 and self.min_lr_ratio == 1.0:
+            return peak
+        u = updates_per_step
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=peak,
+            warmup_steps=self.warmup_steps * u,
+            decay_steps=self.steps * u,
+            end_value=peak * self.min_lr_ratio,
+        )
 
 
 class Rollout(NamedTuple):
@@ -204,8 +226,9 @@ def rollout(model, tokenizer: Tokenizer, problems: list[Problem], cfg: GRPOConfi
 def evaluate(model, tokenizer, task: Task, cfg: GRPOConfig, template: str, *, problems: int = 64,
              samples: int = 4, seed: int = 1234) -> dict:  # fmt: skip
     """Held-out pass@1 (mean accuracy of ``samples`` completions per problem at the rollout temperature), format
-    rate and mean completion length; ``transcripts`` lists every completion (question, reference answer, text,
-    accuracy, format), problem by problem, for reading what the model writes."""
+    rate and mean completion length over ``problems`` drawn at random from the held-out split (a draw may repeat
+    a problem); ``transcripts`` lists every completion (question, reference answer, text, accuracy, format),
+    problem by problem, for reading what the model writes."""
     probs = task.sample(problems, "heldout", np.random.default_rng(seed))
     r = rollout(model, tokenizer, probs, cfg, template, seed, samples=samples)
     accuracy = task.rewards()[0]
@@ -217,7 +240,7 @@ def evaluate(model, tokenizer, task: Task, cfg: GRPOConfig, template: str, *, pr
     transcripts = [dict(question=q, answer=a, completion=t, accuracy=float(x), format=float(f))
                    for q, a, t, x, f in zip(questions, answers, r.texts, acc, fmt)]  # fmt: skip
     return dict(pass1=float(np.nanmean(acc)), format=float(fmt.mean()), length=float(np.mean(lengths)),
-                example=r.texts[0], transcripts=transcripts)  # fmt: skip
+                example=r.texts[0], transcripts=transcripts, samples=samples)  # fmt: skip
 
 
 def _optimizer(tc: RLTrainConfig, cfg: GRPOConfig, params) -> optax.GradientTransformation:
@@ -228,7 +251,7 @@ def _optimizer(tc: RLTrainConfig, cfg: GRPOConfig, params) -> optax.GradientTran
         optax.clip_by_global_norm(tc.grad_clip),
         optax.flatten(optax.scale_by_adam(b1=tc.b1, b2=tc.b2)),
         optax.add_decayed_weights(tc.weight_decay, decay_mask(params)),
-        optax.scale_by_learning_rate(cfg.learning_rate),
+        optax.scale_by_learning_rate(tc.learning_rate(cfg.learning_rate, cfg.mu)),
     )
 
 
