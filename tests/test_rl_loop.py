@@ -172,6 +172,29 @@ def test_evaluate_and_corpus(tmp_path):
     assert "2 samples per problem" in text
 
 
+def test_r1_zero_starts_from_a_given_base_model_in_float32(tmp_path, monkeypatch):
+    """``--base``: no pretraining, and the policy is loaded in the pretraining's float32 (a bf16 policy's AdamW
+    updates round away), however the checkpoint is stored."""
+    from dsjax.rl import zero
+
+    ckpt = str(tmp_path / "base_hf")
+    dsjax.save_pretrained(dsjax.create_model(CFG, seed=0), ckpt)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def evaluate_spy(model, *args, **kw):
+        seen["dtypes"] = {v.dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        raise Stop
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_spy)
+    with pytest.raises(Stop):
+        zero.run(zero.ZeroConfig(corpus_docs=10), str(tmp_path / "run"), progress=False, base_model=ckpt)
+    assert seen["dtypes"] == {jnp.dtype(jnp.float32)}
+    assert not (tmp_path / "run" / "base").exists()
+
+
 def test_group_advantages_of_real_rewards_are_centred():
     adv = np.asarray(group_advantages(jnp.asarray([1.0, 0.0, 0.0, 0.5, 1, 1, 1, 1]), 4))
     np.testing.assert_allclose(adv[:4].sum(), 0.0, atol=1e-5)

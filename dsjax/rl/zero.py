@@ -84,11 +84,11 @@ class ZeroConfig:
     of the time, which puts it near R1-Zero's starting point, 15.6% on AIME). GRPO then learns the format
     and to commit to its sum within ~60 steps (pass@1 ~75%, the reasoning's ceiling) and, in the next 60, also
     sharpens the arithmetic itself (right sums 83% -> 91%, pass@1 89% on 512 problems). The policy trains in
-    float32: one GRPO step (128 completions) costs about as much as 9 pretraining steps. Learning rate 1e-4: at 2e-4 the
-    reasoning degrades (60% right sums after 80 steps), at 3e-4 the format reached 98% within 10 steps while
-    accuracy fell to 0 by step 20. DAPO's options: token-level loss, clip-higher, dynamic sampling (once the
-    format is learnt most groups are all wrong or all right and carry no signal) and soft overlong punishment
-    (the format needs at most 65 tokens; the punishment starts after 80).
+    float32: one GRPO step (128 completions) costs about as much as 9 pretraining steps. Learning rate 1e-4: at
+    2e-4 the reasoning degrades (60% right sums after 80 steps), at 3e-4 the format reached 98% within 10 steps
+    while accuracy fell to 0 by step 20. DAPO's options: token-level loss, clip-higher, dynamic sampling (once
+    the format is learnt most groups are all wrong or all right and carry no signal) and soft overlong
+    punishment (the format needs at most 65 tokens; the punishment starts after 80).
     """
 
     digits: int = 2
