@@ -80,6 +80,8 @@ def evaluate_infilling(model, tokenizer, problems, *, sandbox, max_new_tokens: i
 def run(jc: CodeJobConfig, out_dir: str, *, progress: bool = True) -> dict:
     """Pretrain, evaluate, GRPO, evaluate; writes ``results.json``, ``heldout.jsonl`` (HumanEval format),
     transcripts, plots and checkpoints under ``out_dir``."""
+    import jax.numpy as jnp
+
     import dsjax
     from dsjax.data.tokenizer import ByteTokenizer
     from dsjax.rl.rewards import shared_sandbox
@@ -101,8 +103,11 @@ def run(jc: CodeJobConfig, out_dir: str, *, progress: bool = True) -> dict:
                  f"data.fim_spm_rate={jc.fim_spm_rate}", "train.checkpoint_every=1000000",
                  *jc.pretrain_overrides]  # fmt: skip
     base_dir = os.path.join(out_dir, "base")
-    train(load_run_config("configs/code_base.yaml", overrides), base_dir, progress=progress)
-    model = dsjax.from_pretrained(os.path.join(base_dir, "hf"))
+    run_cfg = load_run_config("configs/code_base.yaml", overrides)
+    train(run_cfg, base_dir, progress=progress)
+    # The policy trains in the base run's compute dtype (float32): loaded as bf16 (from_pretrained's default),
+    # AdamW's small updates round away and the sampler's and trainer's log-probabilities drift apart.
+    model = dsjax.from_pretrained(os.path.join(base_dir, "hf"), dtype=jnp.dtype(run_cfg.train.compute_dtype))
     tok = ByteTokenizer()
     pretrain_s = time.perf_counter() - start
 
