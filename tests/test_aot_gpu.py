@@ -92,14 +92,19 @@ def test_batched_matmul_with_grad_on_gpu(h200):
     assert analyse_hlo(compiled.as_text()).matmul_flops == pytest.approx(3 * 2 * n * b * d * f / 8, rel=0.05)
 
 
-def _expert_ffn_hlo(h200):
-    """Optimised HLO of a one-MoE-layer bf16 train step on the host's 8 GPUs as data 2 x expert 4 (2 local
-    experts of 128 x 128 per GPU)."""
+def _expert_ffn_hlo(h200, data=2, expert=4, dispatch="auto"):
+    """Optimised HLO of a one-MoE-layer bf16 train step on ``data x expert`` of the host's GPUs (default 2 x 4:
+    2 local experts of 128 x 128 per GPU)."""
+    # Layer 0 dense, layer 1 MoE. Head dims of 32 and LoRA ranks of 64: with tiny's 16 and 32, XLA's GPU
+    # compiler finds no tiling for an input-gradient dot of the one-GPU program ("Couldn't find output tile
+    # sizes", with or without the grouped GEMMs; V2-Lite's 128 / 512 compile and run on an H200).
     cfg = ModelConfig.tiny(
-        hidden_size=128, moe_intermediate_size=128, num_hidden_layers=2, num_nextn_predict_layers=0
-    )  # layer 0 dense, layer 1 MoE
-    mesh = make_mesh(2, 4, h200.devices)
-    program = train_program(cfg, TrainConfig(compute_dtype="bfloat16"), mesh, FSDP_RULES, batch=8, seq=128)
+        hidden_size=128, moe_intermediate_size=128, num_hidden_layers=2, num_nextn_predict_layers=0,
+        q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+    )  # fmt: skip
+    mesh = make_mesh(data, expert, h200.devices)
+    tc = TrainConfig(compute_dtype="bfloat16", dispatch=dispatch)
+    program = train_program(cfg, tc, mesh, FSDP_RULES, batch=8, seq=128)
     with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
         return program.fn.lower(*program.args).compile().as_text()
 
@@ -128,3 +133,15 @@ def test_expert_ffn_runs_mosaic_gpu_grouped_gemms(h200, monkeypatch):
     monkeypatch.setattr("dsjax.layers.moe.gpu_gmm_supported", lambda *args: False)
     text = _expert_ffn_hlo(h200)
     assert "mosaic_gpu_v2" not in text and len(_ragged_dot_matmuls(text)) >= 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("data", "expert", "dispatch"), [(8, 1, "auto"), (1, 1, "auto"), (1, 1, "ragged")])
+def test_gpu_meshes_without_an_expert_axis_run_the_grouped_gemms(h200, data, expert, dispatch):
+    """Data parallelism alone, or one GPU: ``auto`` still takes ``ep`` on GPU (its ``shard_map`` is where the
+    kernels can run; the exchange stays on each GPU), and ``ragged`` on one GPU calls them directly. Before, both
+    lowered to XLA's dense matmul over every expert (measured on an H200: 24 ms against the kernels' 1.0 ms
+    for V2-Lite's 64 experts, ``scripts/gpu_check.py gmm``)."""
+    text = _expert_ffn_hlo(h200, data, expert, dispatch)
+    assert text.count('custom_call_target="mosaic_gpu_v2"') == 9
+    assert _ragged_dot_matmuls(text) == []
