@@ -21,9 +21,10 @@ DISPATCH_IMPLS = ("auto", *_COMBINE)
 
 
 def resolve_dispatch(dispatch: str, tokens: int | None = None, cfg: ModelConfig | None = None) -> str:
-    """``auto`` picks ``ep`` on accelerators with an expert mesh axis, else ``ragged``; the platform is the
-    active mesh's (:func:`dsjax.sharding.active_platform`), so compiling for a TPU on a CPU host takes the TPU
-    path. On CPU (where XLA's ragged_dot is slow) it picks ``blocked``,
+    """``auto`` picks ``ep`` on accelerators with an expert mesh axis (on GPU under any mesh, see
+    ``_accelerator_dispatch``), else ``ragged``; the platform is the active mesh's
+    (:func:`dsjax.sharding.active_platform`), so compiling for a TPU on a CPU host takes the TPU path. On CPU
+    (where XLA's ragged_dot is slow) it picks ``blocked``,
     except for about as many tokens as experts (``k * tokens >= e`` and ``tokens <= 2e``, i.e. decoding a batch),
     where ``dense`` reads each expert's weights once instead of gathering copies and is faster (measured).
     With ``cfg.fp8`` the experts run as FP8 GEMMs (grouped for ``ragged``/``ep``, per block for ``blocked``);
