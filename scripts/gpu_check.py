@@ -3,15 +3,15 @@ checked against one H100/H200.
 
 Parts (each writes ``--out`` as one JSON object; with ``--json`` it is also the last line of output):
 
-* ``gmm``: :func:`dsjax.ops.gpu_gmm.gpu_gmm` (JAX's Mosaic-GPU grouped GEMMs) against ``jax.lax.ragged_dot`` in
-  float32 (forward and both gradients, uneven groups with an empty one and rows past the last group), and timed
+* ``gmm``: :func:`dsjax.ops.gpu_gmm.gpu_gmm` (JAX's Mosaic-GPU grouped GEMMs) against a float32 reference, one
+  matmul per group (forward and both gradients, uneven groups with an empty one and rows past the last group), and timed
   next to ``ragged_dot`` as XLA:GPU compiles it (a dense matmul over every group, masked) at the expert shapes of
   DeepSeek-V2-Lite (all 64 experts on one GPU) and V3 (32 local experts of 256 on 8 GPUs).
 * ``train``: DeepSeek-V2-Lite's train step, ``--layers`` deep (1 dense + MoE layers; full widths), on one GPU:
   ``dsjax.aot.compile_report`` on the real device (per-GPU memory, compiled / model flops, roofline MFU) next to
   the step's measured time, MFU and peak memory, for each ``--dispatch``.
 * ``decode``: DeepSeek-V2-Lite's decode step (all 27 layers, bf16 weights) at ``--batch`` x ``--context``:
-  measured time per token next to the floor set by reading the weights and the latent cache once.
+  measured time per step and the bandwidth at which it reads the weights and the latent cache (bytes / time).
 
 State and batches are random (never zeros: a zero input can run faster than real data). Timings: warm-up, then
 the median over repetitions ended by ``block_until_ready``. The device image's python3 has jax with CUDA; dsjax's
@@ -333,7 +333,7 @@ def check_decode(args) -> dict:
 PARTS = {"gmm": check_gmm, "train": check_train, "decode": check_decode}
 
 # ``all``: each part in its own process (a hang or a crash costs that part only), most telling first, with
-# wall-clock limits that keep the whole run inside one device lease's command (~8 minutes with compiles).
+# wall-clock limits that keep the whole run inside one device lease's command (at most 9.5 minutes).
 ALL = [
     ("gmm", ["gmm", "--reps", "5"], 150),
     ("train", ["train", "--dispatch", "auto", "ragged"], 190),
