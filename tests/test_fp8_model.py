@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_fixtures import make_hf_model, save_hf
+from script_runner import run_json_script
 
 import dsjax
 from dsjax.checkpoint.hf import weight_bytes
@@ -335,27 +336,13 @@ def test_float_checkpoint_saved_as_fp8_loads_in_hf_format(tmp_path):
 # ---- scripts ---------------------------------------------------------------------------------------------------
 
 
-def _run_script(args: list[str], timeout: int) -> dict:
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # One CPU device, as a user would run it; XLA's backend optimisation off, as in this suite (compiles dominate).
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
-    out = subprocess.run(
-        [sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_fp8_vs_bf16_script(tmp_path):
     """The comparison script trains bf16 and FP8 on the same data and reports the final-loss gap and a plot."""
     sets = ["train.steps=4", "train.batch_size=4", "train.seq_len=32", "train.checkpoint_every=100",
             "model.num_hidden_layers=2", "model.n_routed_experts=8", "model.n_group=2",
             "model.topk_group=1"]  # fmt: skip
     args = ["scripts/fp8_vs_bf16.py", "--out", str(tmp_path), "--quiet", "--json", "--window", "4"]
-    result = _run_script([*args, "--noise-seed", "-1", *(a for s in sets for a in ("--set", s))], timeout=600)
+    result = run_json_script([*args, "--noise-seed", "-1", *(a for s in sets for a in ("--set", s))], timeout=600)
     assert result["steps"] == 4 and os.path.exists(result["plot"])
     assert abs(result["relative_gap"]) < 0.05 and result["fp8_final_ce"] != result["bf16_final_ce"]
     with open(tmp_path / "fp8" / "run_config.json") as f:
@@ -364,7 +351,7 @@ def test_fp8_vs_bf16_script(tmp_path):
 
 def test_fp8_gpu_check_script_runs_on_cpu():
     """The GPU check's smoke mode: every variant timed or reported as an error, FP8 kernels absent on CPU."""
-    result = _run_script(["scripts/fp8_gpu_check.py", "--small", "--json"], timeout=300)
+    result = run_json_script(["scripts/fp8_gpu_check.py", "--small", "--json"], timeout=300)
     variants = result["gemm"][0]["variants"]
     assert "ms" in variants["bf16"] and "ms" in variants["fp8_matmul_blocked"]
     assert all("ms" in v or "error" in v for v in variants.values())

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from script_runner import run_json_script
 
 from dsjax.ops.gpu_gmm import BLOCK_K, BLOCK_M, BLOCK_N, gpu_gmm, gpu_gmm_supported, make_gpu_gmm
 
@@ -94,16 +95,8 @@ def test_falls_back_to_ragged_dot_outside_the_kernel_constraints():
 def test_gpu_check_script_smoke_on_cpu():
     """``scripts/gpu_check.py gmm --smoke``: the check a GPU lease runs, its reference and report on CPU (where
     only ``ragged_dot`` runs): bf16's error against the per-group float32 reference, zeros past the groups."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [sys.executable, "scripts/gpu_check.py", "gmm", "--smoke", "--reps", "1", "--json"]
-    out = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    (case,) = json.loads(out.stdout.strip().splitlines()[-1])["results"]
+    result = run_json_script(["scripts/gpu_check.py", "gmm", "--smoke", "--reps", "1", "--json"], timeout=300)
+    (case,) = result["results"]
     assert case["kernel"] is False and "gpu_gmm (Mosaic)" not in case
     xla = case["ragged_dot (XLA)"]
     assert all(1e-4 < xla[f"rel_err_{g}"] < 5e-3 for g in ("y", "dx", "dw")), xla  # bf16 rounding, not 0
