@@ -18,14 +18,14 @@ group unwritten (whatever the buffer held), so outputs and incoming gradients ar
 non-empty group takes at least one 128-row tile: with few rows per group (decoding) the work is up to
 ``(ceil(m / 128) + e - 1) * 128`` rows (32 tiles for one of V3's decode batches on 8 GPUs, 32 local experts).
 
-These are Mosaic-GPU kernels: they run on a GPU only (no interpreter) and must be called inside ``shard_map``
-(a custom call cannot be partitioned automatically). They compile without a GPU (``dsjax.aot`` GPU targets,
-``JAX_PLATFORMS=cpu``): each becomes a ``mosaic_gpu_v2`` custom call holding the kernel's MLIR, which XLA's GPU
-compiler lowers to PTX and runs through ptxas for sm_90a during the compile. On an H200 (``scripts/gpu_check.py
-gmm``, V2-Lite's 64 experts x 49,152 rows): the values and both gradients of bf16 ``ragged_dot`` (1.66e-3 from
-float32, as XLA's own), 22-29x faster than XLA's lowering of it. In CI, values and gradients are checked with
-reference kernels of the same contract (:func:`make_gpu_gmm` builds the same ``custom_vjp`` around any kernel
-functions of these signatures).
+These are Mosaic-GPU kernels: they run on a GPU only (no interpreter) and, on a mesh of several devices, must be
+called inside ``shard_map`` (a custom call cannot be partitioned automatically; one GPU needs no partitioning). They
+compile without a GPU (``dsjax.aot`` GPU targets, ``JAX_PLATFORMS=cpu``): each becomes a ``mosaic_gpu_v2`` custom
+call holding the kernel's MLIR, which XLA's GPU compiler lowers to PTX and runs through ptxas for sm_90a during the
+compile. On an H200 (``scripts/gpu_check.py gmm``, V2-Lite's 64 experts x 49,152 rows): the values and both
+gradients of bf16 ``ragged_dot`` (1.66e-3 from float32, as XLA's own), 21-29x faster than XLA's lowering of it. In
+CI, values and gradients are checked with reference kernels of the same contract (:func:`make_gpu_gmm` builds the
+same ``custom_vjp`` around any kernel functions of these signatures).
 """
 
 from __future__ import annotations
