@@ -131,6 +131,13 @@ def active_platform() -> str:
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` is typed as varying along inside ``shard_map`` (empty outside it)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; earlier releases call it ``vma``
+    return frozenset(getattr(mat, "varying", ()) if mat is not None else getattr(aval, "vma", ()))
+
+
 def shard(x: jax.Array, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> jax.Array:
     """Constrain an activation's sharding under the active mesh (``jax.set_mesh``); a no-op without one."""
     mesh = jax.sharding.get_abstract_mesh()

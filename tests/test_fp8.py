@@ -105,6 +105,29 @@ def test_true_division():
     chex.assert_trees_all_equal((q_bytes(q), f32_bits(s)), (q_bytes(q_ref), f32_bits(s_ref)))
 
 
+def test_division_is_exact_on_cpu_and_plain_on_accelerators(monkeypatch):
+    """On CPU a tensor's values are divided by their scales behind an optimisation barrier (the bit-exact
+    division above); on TPU / GPU steps by a plain division, because the barrier's full-size fp32 divisor was a
+    1-1.5 GiB temporary per quantised tensor of a V3 layer on v5p: the same scales (amax / 448 stays exact, a
+    small array), the same E4M3 values up to a rare rounding flip where the compiler multiplies by a
+    reciprocal (the case above)."""
+    x = jnp.asarray(activations(22, (64, 256)))
+
+    def barriers():  # a new function each time: traces are cached per function
+        jaxpr = jax.make_jaxpr(lambda x: fp8.quantize_rows(x, recipe()))(x)
+        return [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier" and e.outvars[0].aval.ndim == 3]
+
+    assert barriers()
+    exact = quantize_rows(x, recipe())
+    monkeypatch.setattr(fp8, "active_platform", lambda: "tpu")
+    assert not barriers()
+    plain = jax.jit(lambda x: fp8.quantize_rows(x, recipe()))(x)
+    np.testing.assert_array_equal(np.asarray(plain[1]), np.asarray(exact[1]))  # scales: the same division of amax
+    assert np.mean(q_bytes(plain[0]) != q_bytes(exact[0])) < 1e-3
+    q, _ = jax.jit(lambda x: fp8.quantize_rows(x, recipe()))(jnp.asarray([[98.214355, 50.861008]]))
+    assert 224 <= float(np.asarray(q, np.float32)[0, 1]) <= 240  # the midpoint case: at most one E4M3 step away
+
+
 def test_quantize_rows_known_values():
     """Hand-checked: 448 -> 448 (s = 1), 0.0625 exact, 1/3 -> 0.34375, 100 (a tie) -> 96 (even mantissa)."""
     x = np.zeros((1, 130), np.float32)

@@ -69,7 +69,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from dsjax.ops.moe import combine_slots, moe_ragged, swiglu
+from dsjax.ops.moe import (
+    combine_slots,
+    gather_slot_rows,
+    moe_ragged,
+    permutation_inverse,
+    permute_rows,
+    stable_argsort,
+    swiglu,
+)
 from dsjax.sharding import active_platform
 
 EXCHANGES = ("auto", "all_to_all", "ragged")
@@ -219,13 +227,14 @@ def _moe_local(
     # ahead of any second choice, so a capacity drops the lowest-ranked choices first.
     flat = experts_mk.T.reshape(slots)
     dest = flat // local_experts
-    order = jnp.argsort(dest, stable=True)  # send position -> slot
+    order = stable_argsort(dest)  # send position -> slot
     sorted_dest = dest[order]
     counts_rj = jnp.bincount(dest * k + jnp.arange(slots) // m, length=shards * k).reshape(shards, k)
     counts = counts_rj.sum(1).astype(jnp.int32)
     starts = jnp.cumsum(counts) - counts  # first send position of every destination
     rank = jnp.arange(slots, dtype=jnp.int32) - starts[sorted_dest]  # position within the destination's chunk
-    send_x = x_md[order % m]
+    inverse = permutation_inverse(order)
+    send_x = gather_slot_rows(x_md, order, inverse, "kmd")
     send_e = (flat % local_experts)[order].astype(jnp.int32)
 
     if exchange == "all_to_all":
@@ -262,8 +271,7 @@ def _moe_local(
         # Reverse trip: rows dropped on the way out stay zero in the send-ordered result.
         y_sent = _ragged_rows(y_recv, back, there, rows, slots, axis, emulate)
 
-    inverse = jnp.zeros((slots,), jnp.int32).at[order].set(jnp.arange(slots, dtype=jnp.int32))
-    y_slots = y_sent[inverse].reshape(k, m, -1)
+    y_slots = permute_rows(y_sent, inverse, order).reshape(k, m, -1)
     return combine_slots(y_slots, weights_mk, "kmd", accum_dtype).astype(x_md.dtype)
 
 
@@ -328,14 +336,15 @@ def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offset
 def _grouped_ffn(recv_x, recv_e, w_gate_edf, w_up_edf, w_down_efd, gmm):
     """SwiGLU experts on received rows (local expert id per row; ``E_l`` marks empty rows), in buffer order."""
     local_experts = jax.tree.leaves(w_gate_edf)[0].shape[0]
-    r_order = jnp.argsort(recv_e, stable=True)  # the empty-row sentinel sorts last; bincount leaves it out
+    r_order = stable_argsort(recv_e)  # the empty-row sentinel sorts last; bincount leaves it out
+    r_inverse = permutation_inverse(r_order)
     group_sizes = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
     valid = (jnp.arange(recv_e.shape[0]) < group_sizes.sum())[:, None]
-    x_sorted = recv_x[r_order]
+    x_sorted = permute_rows(recv_x, r_order, r_inverse)
     gate = jnp.where(valid, gmm(x_sorted, w_gate_edf, group_sizes), 0)
     up = jnp.where(valid, gmm(x_sorted, w_up_edf, group_sizes), 0)
     y_sorted = gmm(swiglu(gate, up), w_down_efd, group_sizes)
-    return jnp.zeros_like(y_sorted).at[r_order].set(y_sorted)
+    return permute_rows(y_sorted, r_inverse, r_order)
 
 
 def dropped_slots(
