@@ -18,6 +18,7 @@ from flax import nnx
 
 import dsjax
 from dsjax.ops.routing import Routing
+from dsjax.pipeline.residuals import data_dependent
 from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, make_mesh
 from dsjax.train import losses
 from dsjax.train.config import ConfigError, load_run_config
@@ -332,3 +333,17 @@ def test_chunked_cross_entropy_gradients_without_recomputed_logits():
     assert float(jnp.abs(got[0][~mask]).max()) == 0.0  # masked positions get no gradient
     jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(h, head))
     assert jaxpr.count("dot_general") == 3
+
+    # grads_in_forward=False (a pipeline's split backward): the same values, the logits recomputed in the
+    # backward (4 matmuls), and nothing head-sized kept by the forward for it: only the hidden states.
+    def recomputed(h, head):
+        return losses.chunked_cross_entropy(h, head, targets, mask, chunk=4, grads_in_forward=False)[0] / 3.0
+
+    chex.assert_trees_all_close(jax.jit(jax.grad(recomputed, argnums=(0, 1)))(h, head), expect, atol=1e-6, rtol=1e-5)
+    assert str(jax.make_jaxpr(jax.grad(recomputed, argnums=(0, 1)))(h, head)).count("dot_general") == 4
+
+    def stored(fn):  # the vjp closure's leaves that depend on the hidden states: what a pipeline's B keeps for W
+        closed = jax.make_jaxpr(lambda h, w: jax.tree.leaves(jax.vjp(fn, h, w)[1]))(h, head)
+        return [a.shape for a, dep in zip(closed.out_avals, data_dependent(closed, [True, False])) if dep]
+
+    assert head.shape in stored(chunked) and head.shape not in stored(recomputed), (stored(chunked), stored(recomputed))

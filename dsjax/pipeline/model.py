@@ -33,7 +33,7 @@ from dsjax.layers.block import embed_lookup
 from dsjax.layers.common import scan_stack
 from dsjax.ops.attention import AttentionMask
 from dsjax.pipeline.executor import EngineResult, make_engine, sum_stages
-from dsjax.pipeline.schedules import Schedule
+from dsjax.pipeline.schedules import Kind, Schedule
 from dsjax.train import losses
 from dsjax.train.config import TrainConfig
 
@@ -93,8 +93,14 @@ def global_counts(batch: dict, depth: int) -> dict:
     )
 
 
-def stage_functions(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainConfig, stages: int):
+def stage_functions(
+    graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainConfig, stages: int, *, split_backward: bool = False
+):
     """``(fns, kind_of)`` for `make_engine`: the stage function of each kind and each stage's kind.
+
+    ``split_backward`` (a schedule with W ops): the chunked output-head loss recomputes its logits in the
+    backward rather than forming the head's gradient in the forward, which B would store for W (see
+    `dsjax.train.losses.chunked_cross_entropy`).
 
     Stage function ``(stacked params, (stacked rest, stage index), shared params, (shared rest, global_counts),
     x, inputs_m) -> (y, loss, aux)`` with ``aux = dict(ce_sum, mtp_sum [D], balance, load [L_moe + D, e])``;
@@ -161,7 +167,9 @@ def stage_functions(graphdef: nnx.GraphDef, model_cfg: ModelConfig, cfg: TrainCo
             def xent(h, k):
                 targets, tmask = future_targets(batch, k)
                 if cfg.loss_chunk:
-                    return losses.chunked_cross_entropy(h, model.lm_head[...], targets, tmask, chunk=cfg.loss_chunk)
+                    return losses.chunked_cross_entropy(
+                        h, model.lm_head[...], targets, tmask, chunk=cfg.loss_chunk, grads_in_forward=not split_backward
+                    )
                 return losses.cross_entropy(model.logits(h), targets, tmask)
 
             ce_sum, _ = xent(hidden, 0)
@@ -215,7 +223,8 @@ class PipelinedLoss:
         if batch_rows % schedule.microbatches:
             raise ValueError(f"batch of {batch_rows} rows does not split into {schedule.microbatches} micro-batches")
         self.model_cfg, self.cfg, self.schedule = model_cfg, cfg, schedule
-        fns, self.kind_of = stage_functions(graphdef, model_cfg, cfg, schedule.stages)
+        split_backward = any(op.kind == Kind.W for ops in schedule.ops for op in ops)
+        fns, self.kind_of = stage_functions(graphdef, model_cfg, cfg, schedule.stages, split_backward=split_backward)
         x_struct = jax.ShapeDtypeStruct(
             (batch_rows // schedule.microbatches, cfg.seq_len, model_cfg.hidden_size), jnp.dtype(cfg.compute_dtype)
         )

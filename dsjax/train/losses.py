@@ -23,14 +23,25 @@ def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Arr
 
 
 def chunked_cross_entropy(
-    hidden_btd: jax.Array, head_dv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array, *, chunk: int
+    hidden_btd: jax.Array,
+    head_dv: jax.Array,
+    targets_bt: jax.Array,
+    mask_bt: jax.Array,
+    *,
+    chunk: int,
+    grads_in_forward: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`cross_entropy` of ``hidden @ head`` computed ``chunk`` sequence positions at a time (all rows of the
     batch at once, so each device works on its own rows in every step): the fp32 ``[tokens, vocab]`` logits and
     their gradient never exist whole (17 GB each per chip for DeepSeek-V3 at 32K tokens per chip and a 129K
     vocabulary). Each chunk's gradients are formed in the forward pass, while its logits exist (the loss is the
     step's last operation, so its gradient is needed right after): no logits are recomputed in the backward,
-    3 head-sized matmuls per token instead of 4. The head's gradient accumulates over chunks in fp32."""
+    3 head-sized matmuls per token instead of 4. The head's gradient accumulates over chunks in fp32.
+
+    ``grads_in_forward=False``: the backward recomputes each chunk's logits instead (4 matmuls per token), so
+    what the backward keeps is the hidden states, not the head's fp32 gradient. For a pipeline whose backward
+    is split (B now, W later): B would otherwise store that gradient for W, two ``f32[7168, 129280]`` (3.45
+    GiB each: the loss and the MTP loss) in every residual slot of DeepSeek-V3's last stage."""
     b, t = hidden_btd.shape[:2]
     chunk = min(chunk, t)  # a chunk longer than the sequence would pad it: more logits, not fewer
     steps = -(-t // chunk)
@@ -42,6 +53,10 @@ def chunked_cross_entropy(
         return jnp.moveaxis(x.reshape(b, steps, chunk, *x.shape[2:]), 1, 0)
 
     head_dtype = head_dv.dtype
+    chunks = (split(hidden_btd, 0), split(targets_bt, 0), split(mask_bt, False))
+    if not grads_in_forward:
+        body = jax.checkpoint(lambda total, xs: (total + _chunk_ce(*xs, head_dv)[0], None))
+        return jax.lax.scan(body, jnp.zeros(()), chunks)[0], jnp.sum(mask_bt)
 
     @jax.custom_vjp
     def fused(chunks, head):  # called without differentiation: the loss alone
@@ -56,7 +71,6 @@ def chunked_cross_entropy(
         return (dh * g.astype(dh.dtype), None, None), (dw * g).astype(head_dtype)
 
     fused.defvjp(fused_fwd, fused_bwd)
-    chunks = (split(hidden_btd, 0), split(targets_bt, 0), split(mask_bt, False))
     return fused(chunks, head_dv), jnp.sum(mask_bt)
 
 
