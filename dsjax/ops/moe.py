@@ -108,18 +108,14 @@ def _slot_tokens(order, m, layout):
 
 def _gather_slot_rows_fwd(x_md, order, inverse, layout):
     # A [m, 0] array carries x's row count and dtype to the backward (residuals must be arrays).
-    return gather_slot_rows(x_md, order, inverse, layout), (inverse, jnp.zeros((x_md.shape[0], 0), x_md.dtype))
+    return x_md[_slot_tokens(order, x_md.shape[0], layout)], (inverse, jnp.zeros((x_md.shape[0], 0), x_md.dtype))
 
 
 def _gather_slot_rows_bwd(layout, residuals, g):
     inverse, like_x = residuals
-    m, dtype = like_x.shape[0], like_x.dtype
-    g_slots = g[inverse]  # back in slot order
-    if layout == "kmd":
-        dx = g_slots.reshape(-1, m, g.shape[-1]).sum(0, dtype=jnp.float32)
-    else:
-        dx = g_slots.reshape(m, -1, g.shape[-1]).sum(1, dtype=jnp.float32)
-    return dx.astype(dtype), None, None
+    m, d = like_x.shape[0], g.shape[-1]
+    g_slots = g[inverse].reshape((-1, m, d) if layout == "kmd" else (m, -1, d))  # back in slot order
+    return g_slots.sum(layout.index("k"), dtype=jnp.float32).astype(like_x.dtype), None, None
 
 
 gather_slot_rows.defvjp(_gather_slot_rows_fwd, _gather_slot_rows_bwd)
