@@ -74,7 +74,7 @@ class YarnScaling:
         return yarn_mscale(self.factor)
 
 
-FP8_BACKENDS = ("reference", "blocked")
+FP8_BACKENDS = ("reference", "blocked", "pallas", "auto")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +86,9 @@ class Fp8Recipe:
     one ``block``-long slice of the contraction at a time, the scales applied at each promotion.
 
     ``backend``: ``blocked`` splits the contraction into ``block``-long fp8 x fp8 -> fp32 dots (the structure of
-    DeepSeek's kernels, the default); ``reference`` dequantises both operands and does one fp32 dot (the oracle).
+    DeepSeek's kernels, the default); ``reference`` dequantises both operands and does one fp32 dot (the oracle);
+    ``pallas`` runs the dense GEMMs as Pallas TPU kernels with ``blocked``'s numerics (interpreted off TPU;
+    ``block`` must be 128), ``auto`` picks ``pallas`` when compiling for TPU and ``blocked`` elsewhere.
     ``pow2_scales`` rounds every scale up to a power of two (DeepSeek-V3.1's UE8M0 scales), which makes the
     1x128 -> 128x1 re-tiling in the backward pass nearly lossless.
     ``amax_floor`` (1e-4, from DeepSeek's activation-quantisation kernel) applies to activations and weights;
@@ -106,6 +108,8 @@ class Fp8Recipe:
             raise ConfigError(f"fp8.backend={self.backend!r}; choose one of {FP8_BACKENDS}")
         if not (isinstance(self.block, int) and self.block > 0):
             raise ConfigError(f"fp8.block must be a positive int, got {self.block!r}")
+        if self.backend == "pallas" and self.block != 128:
+            raise ConfigError(f"fp8.backend='pallas' needs fp8.block=128 (the TPU's lanes), got {self.block}")
         for name in ("amax_floor", "grad_amax_floor"):
             value = getattr(self, name)
             # scale = floor / 448 must stay a normal fp32 number

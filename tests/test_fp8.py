@@ -17,13 +17,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsjax.config import Fp8Recipe
-from dsjax.ops import fp8
+from dsjax.config import ConfigError, Fp8Recipe
+from dsjax.ops import fp8, fp8_pallas
+from dsjax.sharding import make_mesh
 
 HYP = settings(max_examples=10, deadline=None)
 BACKENDS = ("blocked", "reference")
+DENSE_BACKENDS = (*BACKENDS, "pallas")  # the Pallas TPU kernels (dense GEMMs only), run by Pallas' interpreter here
 ORACLE_TOL = 1e-5  # fp8 x fp8 partial dots are exact; what is left is fp32 scale products and sums
-GEMM_TOL = {"blocked": 1e-6, "reference": 5e-6}  # reference: one fp32 dot over all of K (measured <= 1.5e-6)
+# reference: one fp32 dot over all of K (measured <= 1.5e-6); pallas: blocked's sums in the kernels' order
+GEMM_TOL = {"blocked": 1e-6, "reference": 5e-6, "pallas": 1e-6}
 BAND = (0.005, 0.06)  # rel-Frobenius vs exact fp32
 
 
@@ -187,7 +190,7 @@ def test_gemm_matches_blocked_oracle(backend, col_block):
 @pytest.mark.parametrize("pow2", [False, True])
 def test_fp8_matmul_error_band(pow2):
     x, w = activations(2, (256, 512)), activations(3, (512, 384)) * 0.02
-    ys = {b: np.asarray(fp8.fp8_matmul(jnp.asarray(x), jnp.asarray(w), recipe(b, pow2))) for b in BACKENDS}
+    ys = {b: np.asarray(fp8.fp8_matmul(jnp.asarray(x), jnp.asarray(w), recipe(b, pow2))) for b in DENSE_BACKENDS}
     y_ref = ref.linear_fwd(x, w, pow2)
     for backend, y in ys.items():
         assert max_rel(y, y_ref) < GEMM_TOL[backend]
@@ -210,7 +213,7 @@ def vjp(f, primals, g, jit=True):
 
 @pytest.mark.parametrize("g_scale", [1.0, 1e-7])
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DENSE_BACKENDS)
 def test_fp8_matmul_grads(backend, pow2, g_scale):
     """g_scale 1e-7: gradients as small as real ones (most rows below the activations' 1e-4 amax floor) keep
     their precision, because gradient tiles use grad_amax_floor."""
@@ -228,7 +231,7 @@ def test_fp8_matmul_grads(backend, pow2, g_scale):
         assert BAND[0] < rel_fro(got, exact) < BAND[1]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DENSE_BACKENDS)
 def test_fp8_matmul_prequantized_weight(backend):
     x, w = activations(7, (96, 300)), activations(8, (300, 130)) * 0.02
     g = np.random.default_rng(9).standard_normal((96, 130)).astype(np.float32)
@@ -249,6 +252,77 @@ def test_fp8_matmul_bf16_eager():
     dx_ref, dw_ref = ref.linear_grads(x, w, g)
     for got, want in ((y, ref.linear_fwd(x, w)), (dx, dx_ref), (dw, dw_ref)):
         assert rel_fro(np.asarray(got, np.float32), want) < 4e-3  # bf16 output rounding only
+
+
+# ---- 3b. the Pallas TPU kernels (interpreted here) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape", [(3, 1), (70, 300), (130, 640)])
+def test_pallas_quantisation_is_bitwise_quantize_rows(shape, pow2):
+    """The quantisation kernel (tile amax, the recipe's scale of it, E4M3 values, all in VMEM) gives the bytes
+    and scale bits of :func:`quantize_rows` (the same IEEE divisions here)."""
+    x = activations(30, shape)
+    x[0] = 0.0
+    x[-1, -1] = -3e38
+    q, s = fp8_pallas.quantize(jnp.asarray(x), fp8_pallas.TileRecipe(amax_floor=1e-4, pow2=pow2))
+    q_ref, s_ref = ref.quantize_rows(x, pow2)
+    chex.assert_trees_all_equal((q_bytes(q), f32_bits(s)), (q_bytes(q_ref), f32_bits(s_ref)))
+
+
+@pytest.mark.parametrize("quantised_a", [True, False])
+def test_pallas_scaled_matmul_matches_the_blocked_oracle(quantised_a):
+    """Both operand forms: fp8 ``a`` with its scales, and float ``a`` quantised inside the kernel (how the input
+    gradient's ``g`` enters). K = 300 pads to 384: three promotions in one 384-wide block."""
+    m, k, n = 70, 300, 130
+    x = activations(0, (m, k))
+    xq, sx = ref.quantize_rows(x)
+    wq, sw = ref.quantize_blocks(activations(1, (k, n)) * 0.02)
+    sw_cols = ref.block_scales_per_column(sw, n)
+    if quantised_a:
+        y = fp8_pallas.scaled_matmul(jnp.asarray(xq), jnp.asarray(sx), jnp.asarray(wq), jnp.asarray(sw_cols))
+    else:
+        tiles = fp8_pallas.TileRecipe(amax_floor=1e-4, pow2=False)
+        y = fp8_pallas.scaled_matmul(jnp.asarray(x), None, jnp.asarray(wq), jnp.asarray(sw_cols), tiles=tiles)
+    chex.assert_shape(y, (m, n))
+    assert max_rel(y, ref.blocked_dot(xq, sx, wq, sw_cols)) < GEMM_TOL["pallas"]
+
+
+def test_pallas_fp8_matmul_sharded_equals_one_device():
+    """Under an 8-device mesh the kernels run per shard (rows split like the batch, 256 per device: whole
+    128-token tiles) and give the single-device values and gradients; rows that do not split into whole
+    tiles (40 per device) stay whole on each device, with the same values."""
+    mesh = make_mesh(2, 4)
+    w = jnp.asarray(activations(41, (256, 384)) * 0.02)
+    loss = lambda x, w: jnp.sum(jnp.tanh(fp8.fp8_matmul(x, w, recipe("pallas"))))
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    for rows in (2048, 320):
+        x = jnp.asarray(activations(40, (rows, 256)))
+        single = jax.jit(grad)(x, w)
+        with jax.set_mesh(mesh):
+            xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P(("data", "expert"), None)))
+            sharded = jax.jit(grad)(xs, w)
+            text = jax.jit(grad).lower(xs, w).as_text()
+        assert "shard_map" in text or "manual" in text, "the kernels should run per shard"
+        assert_close(sharded, single, tol=1e-6)
+
+
+def test_auto_backend_takes_the_kernels_on_tpu_only(monkeypatch):
+    x, w = jnp.ones((8, 128)), jnp.ones((128, 128))
+
+    def kernels_called():
+        loss = lambda x, w: fp8.fp8_matmul(x, w, recipe("auto")).sum()
+        return "pallas_call" in str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w))
+
+    assert not kernels_called()
+    monkeypatch.setattr(fp8, "active_platform", lambda: "tpu")
+    monkeypatch.setattr(fp8_pallas, "active_platform", lambda: "tpu")
+    assert kernels_called()
+    with pytest.raises(ConfigError, match="needs fp8.block=128"):
+        Fp8Recipe(backend="pallas", block=64)
+    monkeypatch.setattr(fp8_pallas, "active_platform", lambda: "gpu")
+    with pytest.raises(ValueError, match="TPU kernel"):
+        fp8.fp8_matmul(x, w, recipe("pallas"))
 
 
 # ---- 4. grouped GEMM -------------------------------------------------------------------------------------------

@@ -109,6 +109,23 @@ def test_fp8_forward_and_grads_track_float():
     chex.assert_trees_all_close(_grads(fp8, tokens, "full"), grads["fp8"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # ~45 s: the interpreter traces every kernel of the model
+def test_pallas_kernels_in_the_model_match_the_xla_gemms():
+    """``fp8.backend="pallas"`` (the TPU kernels, interpreted here) through the whole model: MLA's multi-axis
+    projections, the dense and shared MLPs (ragged sizes: 160, 200, 136) give the blocked backend's logits and
+    gradients (the same numerics, fp32 sums in another order: a token whose value crosses an E4M3 rounding
+    midpoint differs, so most tokens, not all, agree to 1e-4)."""
+    model = dsjax.create_model(CFG.replace(fp8=True), seed=1)
+    pallas = nnx.merge(nnx.graphdef(dsjax.create_model(CFG.replace(fp8={"backend": "pallas"}))), nnx.state(model))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 24)))
+    assert agreeing_tokens(nnx.jit(lambda m: m(tokens))(pallas), nnx.jit(lambda m: m(tokens))(model)) > 0.9
+    g_blocked, g_pallas = (
+        jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(_grads(m, tokens, "none"))]) for m in (model, pallas)
+    )
+    cosine = float(g_pallas @ g_blocked / (jnp.linalg.norm(g_pallas) * jnp.linalg.norm(g_blocked)))
+    assert cosine > 0.999, cosine
+
+
 @functools.partial(nnx.jit, static_argnums=2)
 def _grads(model, tokens, remat):
     def loss(m):

@@ -18,7 +18,10 @@ Backends (``recipe.backend``): ``blocked`` splits the contraction into B-long sl
 fp32 accumulation and applies both scales to each slice's partial sums before adding them up -- the promotion
 every 128 elements of DeepSeek's kernels (on GPU/TPU the slices are one batched dot; it materialises an fp32
 ``[K/B, M, N]`` intermediate, so it is a faithful emulation, not a fast kernel). ``reference`` dequantises both
-operands and does one fp32 dot: the oracle the tests hold ``blocked`` to.
+operands and does one fp32 dot: the oracle the tests hold ``blocked`` to. ``pallas`` runs the dense GEMMs
+(``fp8_matmul``) as :mod:`dsjax.ops.fp8_pallas`'s TPU kernels -- the same numerics, every tile quantised and
+re-tiled in VMEM instead of XLA's fp32 copies of whole tensors -- and the grouped one as ``blocked``; ``auto`` is
+``pallas`` when compiling for TPU and ``blocked`` elsewhere.
 
 ``fp8_ragged_dot`` is the grouped version for the experts: rows sorted by expert, ``w [E, K, N]`` with BxB
 blocks per expert; its weight gradient tiles the tokens ``B x 1`` within each expert's rows.
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import Fp8Recipe
+from dsjax.ops import fp8_pallas
 from dsjax.sharding import active_platform, varying_axes
 
 E4M3 = jnp.float8_e4m3fn
@@ -174,18 +178,53 @@ def _grad_recipe(recipe: Fp8Recipe) -> Fp8Recipe:
     return dataclasses.replace(recipe, amax_floor=recipe.grad_amax_floor)
 
 
+def _uses_pallas(recipe: Fp8Recipe) -> bool:
+    """Whether the dense GEMMs run :mod:`dsjax.ops.fp8_pallas`'s kernels: ``pallas``, or ``auto`` on TPU."""
+    if recipe.backend == "auto":
+        return recipe.block == fp8_pallas.LANE and active_platform() == "tpu"
+    return recipe.backend == "pallas"
+
+
+def _kernel_tiles(recipe: Fp8Recipe) -> fp8_pallas.TileRecipe:
+    return fp8_pallas.TileRecipe(amax_floor=recipe.amax_floor, pow2=recipe.pow2_scales)
+
+
+def _column_scales(sw, n: int, block: int):
+    """Weight block scales ``[K/B, N/B]`` as one scale per column per ``B`` rows, ``[K/B, N]``."""
+    return jnp.repeat(sw, block, axis=1)[:, :n]
+
+
 def _wgrad(xq, sx, g, recipe: Fp8Recipe):
     """``dw = x^T . g`` with both re-tiled ``B x 1`` along the tokens (the contraction)."""
+    if _uses_pallas(recipe):
+        tiles = _kernel_tiles(recipe)
+        return fp8_pallas.weight_grad(xq, sx, g, x_tiles=tiles, g_tiles=_kernel_tiles(_grad_recipe(recipe)))
     x = dequantize_rows(xq, sx, recipe.block)
     xtq, sxt = quantize_rows(x.T, recipe)  # [K, M], tiles along M
     gtq, sgt = quantize_rows(g.T, _grad_recipe(recipe))  # [N, M]
     return gemm(xtq, sxt, gtq.T, sgt.T, col_block=1, recipe=recipe)
 
 
-def _dgrad(g, wq, sw, recipe: Fp8Recipe):
+def _dgrad(g, wq, sw, recipe: Fp8Recipe, dtype=jnp.float32):
     """``dx = g . w^T`` with g in 1xB tiles along N and the transposed weight blocks."""
+    if _uses_pallas(recipe):  # g's tiles quantised inside the kernel
+        sw_cols = _column_scales(sw.T, wq.shape[0], recipe.block)
+        tiles = _kernel_tiles(_grad_recipe(recipe))
+        return fp8_pallas.scaled_matmul(g, None, wq.T, sw_cols, out_dtype=dtype, tiles=tiles)
     gq, sg = quantize_rows(g, _grad_recipe(recipe))
     return gemm(gq, sg, wq.T, sw.T, col_block=recipe.block, recipe=recipe)
+
+
+def _dgrad_dtype(reduce_axes, dtype):
+    """The input gradient's dtype out of the GEMM: fp32 when it is summed over devices next, else x's."""
+    return jnp.float32 if reduce_axes else dtype
+
+
+def _forward(xq, sx, wq, sw, recipe: Fp8Recipe, dtype):
+    """``y = x . w`` in ``dtype`` from x's 1xB tiles and w's BxB blocks."""
+    if _uses_pallas(recipe):
+        return fp8_pallas.scaled_matmul(xq, sx, wq, _column_scales(sw, wq.shape[1], recipe.block), out_dtype=dtype)
+    return gemm(xq, sx, wq, sw, col_block=recipe.block, recipe=recipe).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -193,16 +232,23 @@ def _linear(recipe, axes, x, w):
     return _linear_fwd(recipe, axes, x, w)[0]
 
 
+def _quantize_activations(x, recipe: Fp8Recipe):
+    """:func:`quantize_rows` of ``x [M, K]``; with the Pallas kernels, tile by tile in VMEM (same values)."""
+    if _uses_pallas(recipe):
+        return fp8_pallas.quantize(x, _kernel_tiles(recipe))
+    return quantize_rows(x, recipe)
+
+
 def _linear_fwd(recipe, axes, x, w):
-    xq, sx = quantize_rows(x, recipe)
+    xq, sx = _quantize_activations(x, recipe)
     wq, sw = quantize_blocks(w, recipe)
-    y = gemm(xq, sx, wq, sw, col_block=recipe.block, recipe=recipe).astype(x.dtype)
+    y = _forward(xq, sx, wq, sw, recipe, x.dtype)
     return y, (xq, sx, wq, sw, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
 def _linear_bwd(recipe, axes, res, g):
     xq, sx, wq, sw, x_dtype, w_dtype = res
-    dx = _dgrad(g, wq, sw, recipe)
+    dx = _dgrad(g, wq, sw, recipe, _dgrad_dtype(axes[0], x_dtype.dtype))
     dw = _wgrad(xq, sx, g, recipe)
     return _reduce(dx, axes[0], x_dtype.dtype), _reduce(dw, axes[1], w_dtype.dtype)
 
@@ -216,14 +262,15 @@ def _linear_q(recipe, axes, x, wq, sw):
 
 
 def _linear_q_fwd(recipe, axes, x, wq, sw):
-    xq, sx = quantize_rows(x, recipe)
-    y = gemm(xq, sx, wq, sw, col_block=recipe.block, recipe=recipe).astype(x.dtype)
+    xq, sx = _quantize_activations(x, recipe)
+    y = _forward(xq, sx, wq, sw, recipe, x.dtype)
     return y, (wq, sw, jnp.zeros((), x.dtype))
 
 
 def _linear_q_bwd(recipe, axes, res, g):
     wq, sw, x_dtype = res
-    return _reduce(_dgrad(g, wq, sw, recipe), axes[0], x_dtype.dtype), jnp.zeros_like(wq), jnp.zeros_like(sw)
+    dx = _dgrad(g, wq, sw, recipe, _dgrad_dtype(axes[0], x_dtype.dtype))
+    return _reduce(dx, axes[0], x_dtype.dtype), jnp.zeros_like(wq), jnp.zeros_like(sw)
 
 
 _linear_q.defvjp(_linear_q_fwd, _linear_q_bwd)
@@ -510,7 +557,10 @@ def blocked_matmul(recipe: Fp8Recipe):
     (one expert's) times its expert's weight as an FP8 GEMM. Weight blocks are quantised per expert (a gathered
     copy quantises to the same values). The weight gradient's token tiles are the dispatch blocks (``b`` rows,
     zero-padded; ``b`` < 128 when tokens per expert are few), so tiles stay within one expert but may be finer
-    than the grouped op's 128 rows. ``w``: float ``[E, K, N]`` or an ``(e4m3, scales)`` pair."""
+    than the grouped op's 128 rows. ``w``: float ``[E, K, N]`` or an ``(e4m3, scales)`` pair. Like the grouped
+    op it runs the ``blocked`` backend's XLA GEMMs where the recipe asks for the Pallas kernels (dense only)."""
+    if recipe.backend in ("pallas", "auto"):
+        recipe = dataclasses.replace(recipe, backend="blocked")
 
     def bmm(x, w, block_expert):
         if isinstance(w, tuple):
