@@ -85,6 +85,8 @@ class Fp8Recipe:
     blocks, each with its own online scale ``max(amax, amax_floor) / 448``; products are accumulated in fp32
     one ``block``-long slice of the contraction at a time, the scales applied at each promotion.
 
+    ``routed_experts``: the routed experts' GEMMs in FP8 too (DeepSeek's recipe); False keeps them in the compute
+    dtype (the kernels of the bf16 path, e.g. megablox on TPU) with every other FP8 GEMM as it is.
     ``backend``: ``blocked`` splits the contraction into ``block``-long fp8 x fp8 -> fp32 dots (the structure of
     DeepSeek's kernels, the default); ``reference`` dequantises both operands and does one fp32 dot (the oracle);
     ``pallas`` runs the dense GEMMs as Pallas TPU kernels with ``blocked``'s numerics (interpreted off TPU;
@@ -102,6 +104,7 @@ class Fp8Recipe:
     pow2_scales: bool = False
     amax_floor: float = 1e-4
     grad_amax_floor: float = 1e-30
+    routed_experts: bool = True
 
     def __post_init__(self):
         if self.backend not in FP8_BACKENDS:
@@ -110,6 +113,8 @@ class Fp8Recipe:
             raise ConfigError(f"fp8.block must be a positive int, got {self.block!r}")
         if self.backend == "pallas" and self.block != 128:
             raise ConfigError(f"fp8.backend='pallas' needs fp8.block=128 (the TPU's lanes), got {self.block}")
+        if not isinstance(self.routed_experts, bool):
+            raise ConfigError(f"fp8.routed_experts must be true or false, got {self.routed_experts!r}")
         for name in ("amax_floor", "grad_amax_floor"):
             value = getattr(self, name)
             # scale = floor / 448 must stay a normal fp32 number

@@ -109,6 +109,28 @@ def test_fp8_forward_and_grads_track_float():
     chex.assert_trees_all_close(_grads(fp8, tokens, "full"), grads["fp8"], rtol=1e-5, atol=1e-7)
 
 
+def test_routed_experts_can_stay_out_of_fp8(monkeypatch):
+    """``fp8.routed_experts=False``: the routed experts take the float path (here the grouped FP8 factories would
+    raise), every other GEMM stays FP8 (the logits differ from the float model's as FP8 ones do)."""
+    import dsjax.layers.moe as moe_layer
+
+    cfg = CFG.replace(fp8={"routed_experts": False})
+    assert cfg.fp8.routed_experts is False and CFG.replace(fp8=True).fp8.routed_experts
+    with pytest.raises(ConfigError, match="routed_experts"):
+        CFG.replace(fp8={"routed_experts": "no"})
+    model = dsjax.create_model(CFG, seed=1)
+    partial = nnx.merge(nnx.graphdef(dsjax.create_model(cfg)), nnx.state(model))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 24)))
+
+    def refuse(*_):
+        raise AssertionError("routed experts in FP8")
+
+    monkeypatch.setattr(moe_layer, "grouped_matmul", refuse)
+    monkeypatch.setattr(moe_layer, "blocked_matmul", refuse)
+    for dispatch in ("blocked", "ragged", "dense"):  # dense: no FP8 form needed when the experts stay float
+        assert 1e-3 < token_err(partial(tokens, dispatch=dispatch), model(tokens)) < FP8_TOKEN_TOL
+
+
 @pytest.mark.slow  # ~45 s: the interpreter traces every kernel of the model
 def test_pallas_kernels_in_the_model_match_the_xla_gemms():
     """``fp8.backend="pallas"`` (the TPU kernels, interpreted here) through the whole model: MLA's multi-axis

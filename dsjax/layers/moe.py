@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsjax.config import ModelConfig, Numerics
+from dsjax.config import Fp8Recipe, ModelConfig, Numerics
 from dsjax.layers.common import MLP, RoutingBias, float_weight, param, projection, weight_and_scale
 from dsjax.ops.ep import moe_expert_parallel
 from dsjax.ops.fp8 import blocked_matmul, grouped_matmul
@@ -20,6 +20,11 @@ _COMBINE = {"ragged": moe_ragged, "dense": moe_dense, "blocked": moe_blocked, "e
 DISPATCH_IMPLS = ("auto", *_COMBINE)
 
 
+def routed_fp8(cfg) -> Fp8Recipe | None:
+    """The FP8 recipe of the routed experts' GEMMs: ``cfg.fp8`` unless it keeps them out (``routed_experts``)."""
+    return cfg.fp8 if cfg.fp8 is not None and cfg.fp8.routed_experts else None
+
+
 def resolve_dispatch(dispatch: str, tokens: int | None = None, cfg: ModelConfig | None = None) -> str:
     """``auto`` picks ``ep`` on accelerators with an expert mesh axis (on GPU under any mesh, see
     ``_accelerator_dispatch``), else ``ragged``; the platform is the active mesh's
@@ -31,7 +36,7 @@ def resolve_dispatch(dispatch: str, tokens: int | None = None, cfg: ModelConfig 
     ``dense`` has no FP8 form, so ``auto`` then picks ``blocked`` on CPU."""
     if dispatch not in DISPATCH_IMPLS:
         raise ValueError(f"dispatch={dispatch!r}; choose one of {DISPATCH_IMPLS}")
-    if cfg is not None and cfg.fp8 is not None:
+    if cfg is not None and routed_fp8(cfg) is not None:
         if dispatch == "dense":
             raise ValueError("dispatch='dense' has no FP8 path; with fp8 use 'blocked', 'ragged', 'ep' or 'auto'")
         if dispatch == "auto":
@@ -71,7 +76,8 @@ class MoE(nnx.Module):
     """``h' = u + shared(u) + sum_i g_i expert_i(u)``; the residual is added by the decoder layer.
 
     ``router [d, e]`` is kept in fp32 (as HF does); ``routing_bias [e]`` exists for noaux_tc only.
-    With ``cfg.fp8`` the experts (grouped) and shared experts run as FP8 GEMMs; the router stays fp32.
+    With ``cfg.fp8`` the experts (grouped; unless ``fp8.routed_experts`` is False) and shared experts run as
+    FP8 GEMMs; the router stays fp32.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
@@ -109,12 +115,13 @@ class MoE(nnx.Module):
         names = ("w_gate", "w_up", "w_down")
         experts = [weight_and_scale(self, n) for n in names]
         kwargs = {}
-        if self.cfg.fp8 is not None:  # float weights quantised from master precision; fp8 ones with their scales
+        fp8 = routed_fp8(self.cfg)
+        if fp8 is not None:  # float weights quantised from master precision; fp8 ones with their scales
             weights = [w if s is None else (w, s) for w, s in experts]
             if dispatch == "blocked":
-                kwargs["bmm"] = blocked_matmul(self.cfg.fp8)
+                kwargs["bmm"] = blocked_matmul(fp8)
             else:
-                kwargs["gmm"] = grouped_matmul(self.cfg.fp8)
+                kwargs["gmm"] = grouped_matmul(fp8)
         else:
             weights = [float_weight(w, s, x_md.dtype, n_in=1, n_lead=1) for w, s in experts]
         if dispatch == "ep":
@@ -122,12 +129,12 @@ class MoE(nnx.Module):
             kwargs["exchange"] = self.cfg.moe_exchange
             # Mosaic tiles are multiples of 128 in the last two dims (real models: 7168 x 2048, 2048 x 1408).
             widths = (self.cfg.hidden_size, self.cfg.moe_intermediate_size)
-            if self.cfg.fp8 is None and active_platform() == "tpu" and all(w % 128 == 0 for w in widths):
+            if fp8 is None and active_platform() == "tpu" and all(w % 128 == 0 for w in widths):
                 kwargs["gmm"], kwargs["check_vma"] = megablox_gmm, False
             # Hopper: JAX's Mosaic-GPU grouped GEMMs (XLA:GPU lowers ragged_dot to a dense matmul over all experts).
-            elif self.cfg.fp8 is None and active_platform() == "gpu" and gpu_gmm_supported(*widths, x_md.dtype):
+            elif fp8 is None and active_platform() == "gpu" and gpu_gmm_supported(*widths, x_md.dtype):
                 kwargs["gmm"], kwargs["check_vma"] = gpu_gmm, False
-        elif dispatch == "ragged" and self.cfg.fp8 is None and active_platform() == "gpu" and _unpartitioned():
+        elif dispatch == "ragged" and fp8 is None and active_platform() == "gpu" and _unpartitioned():
             kwargs["gmm"] = gpu_gmm  # one GPU, no mesh: the kernels run as they are (ragged_dot where unsupported)
         y_md = combine(x_md, routing.weights_mk, routing.experts_mk, *weights, accum_dtype=accum, **kwargs)
         y_btd = shard(y_md.reshape(b, t, d), ("batch", "seq", "act_embed"))
