@@ -188,9 +188,10 @@ def test_fp8_pallas_kernels_compile_for_tpu_with_a_fraction_of_the_temporaries(v
     x, g = _abstract(mesh, (m, k), ("data", None)), _abstract(mesh, (m, n), ("data", None))
     w = _abstract(mesh, (k, n), (None, "data"), jnp.float32)
 
-    def compiled(backend):
+    def compiled(backend, pow2=False):
         def step(x, w, g):
-            y, pullback = jax.vjp(lambda x, w: fp8.fp8_matmul(x, w, Fp8Recipe(backend=backend)), x, w)
+            recipe = Fp8Recipe(backend=backend, pow2_scales=pow2)
+            y, pullback = jax.vjp(lambda x, w: fp8.fp8_matmul(x, w, recipe), x, w)
             return y, pullback(g)
 
         with jax.set_mesh(mesh):
@@ -201,6 +202,8 @@ def test_fp8_pallas_kernels_compile_for_tpu_with_a_fraction_of_the_temporaries(v
     temp = lambda c: c.memory_analysis().temp_size_in_bytes
     assert temp(kernels) < 0.3 * temp(emulated), (temp(kernels), temp(emulated))
     assert analyse_hlo(kernels.as_text()).matmul_flops == 3 * 2 * m * k * n / 4
+    # power-of-two scales: the kernels round them with integer bit operations, which Mosaic lowers too
+    assert "dsjax_fp8_quantize" in compiled("pallas", pow2=True).as_text()
 
 
 def test_optimizer_state_is_sharded_like_the_parameters():
