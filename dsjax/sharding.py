@@ -131,6 +131,30 @@ def active_platform() -> str:
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
+def free_axes() -> tuple[str, ...]:
+    """The active mesh's axes not already manual (outside any enclosing ``shard_map``'s): those a per-shard
+    kernel's own ``shard_map`` can still split over. Empty without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+
+
+def batch_row_axes(rows: int, rules: Rules = DEFAULT_RULES, *, tile: int = 1) -> tuple[str, ...]:
+    """The free mesh axes the ``batch`` rule shards ``rows`` over, in the rule's order, each kept while the rows
+    still split into shards of a multiple of ``tile`` rows (an uneven axis stays replicated): how a Mosaic
+    kernel, which XLA cannot partition, splits its rows like dsjax's activations."""
+    mesh = jax.sharding.get_abstract_mesh()
+    free = free_axes()
+    if not free:
+        return ()
+    batch = logical_to_spec(("batch",), rules, mesh)[0]
+    axes, size = [], 1
+    for a in (batch,) if isinstance(batch, str) else tuple(batch or ()):
+        if a in free and rows % (size * mesh.shape[a] * tile) == 0:
+            axes.append(a)
+            size *= mesh.shape[a]
+    return tuple(axes)
+
+
 def varying_axes(x) -> frozenset:
     """The manual mesh axes ``x`` is typed as varying along inside ``shard_map`` (empty outside it)."""
     aval = jax.typeof(x)

@@ -9,7 +9,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import dsjax
-from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, logical_to_spec, make_mesh, state_shardings
+from dsjax.sharding import (
+    DEFAULT_RULES,
+    FSDP_RULES,
+    batch_row_axes,
+    free_axes,
+    logical_to_spec,
+    make_mesh,
+    state_shardings,
+)
 
 
 def test_rules_map_logical_axes_first_dimension_wins_and_uneven_axes_drop():
@@ -58,3 +66,24 @@ def test_create_model_on_mesh_matches_unsharded():
     plain = dsjax.create_model(cfg, seed=7)
     assert sharded.moe_layers.ffn.w_down.get_value().sharding.spec == P(None, "expert", None, None)
     chex.assert_trees_all_equal(jax.device_get(nnx.state(sharded)), jax.device_get(nnx.state(plain)))
+
+
+def test_batch_row_axes_split_rows_like_the_batch_over_free_axes():
+    """How per-shard kernels (splash, the FP8 Pallas GEMMs) split rows: the batch rule's axes in order, each
+    kept while the rows still divide (into whole ``tile``-row shards), none without a mesh or inside a
+    ``shard_map`` that made them manual."""
+    assert free_axes() == () and batch_row_axes(16) == ()
+    mesh = make_mesh(2, 4)
+    with jax.set_mesh(mesh):
+        assert free_axes() == ("data", "expert")
+        assert batch_row_axes(16) == ("data", "expert")
+        assert batch_row_axes(6) == ("data",)  # 6 rows do not split 8 ways: the expert axis stays replicated
+        assert batch_row_axes(3) == ()
+        assert batch_row_axes(2048, tile=128) == ("data", "expert")
+        assert batch_row_axes(512, tile=128) == ("data",)  # 64-row shards would straddle 128-row tiles
+
+        def inner(x):
+            assert free_axes() == ("expert",) and batch_row_axes(16) == ("expert",)
+            return x
+
+        jax.shard_map(inner, in_specs=P("data"), out_specs=P("data"), axis_names={"data"})(jnp.zeros(8))

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsjax.ops.attention import _softmax, attention_mask
-from dsjax.sharding import DEFAULT_RULES, Rules, logical_to_spec
+from dsjax.sharding import DEFAULT_RULES, Rules, batch_row_axes, free_axes
 
 IMPLS = ("naive", "xla", "splash", "auto")
 _DEFAULT_BLOCK = 512
@@ -395,18 +395,12 @@ def _splash(q, k, v, qs, ks, scale, block_q, block_kv, rules, interpret):
         # jax_default_matmul_precision="highest"; for 16-bit inputs DEFAULT computes the same products.
         per_shard = _traced_with_precision(per_shard, "default")
     mesh = jax.sharding.get_abstract_mesh()
-    free = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    free = free_axes()
     fn = per_shard
     if free:
         # Mosaic kernels cannot be partitioned automatically: run it per shard with the batch split like
         # dsjax's activations (heads and sequence whole on each device), over the axes not already manual.
-        batch = logical_to_spec(("batch",), rules, mesh)[0]
-        rows, size = [], 1
-        for a in (batch,) if isinstance(batch, str) else tuple(batch or ()):
-            if a in free and q.shape[0] % (size * mesh.shape[a]) == 0:  # an uneven axis stays replicated
-                rows.append(a)
-                size *= mesh.shape[a]
-        spec = P(tuple(rows) or None, None, None, None)
+        spec = P(batch_row_axes(q.shape[0], rules) or None, None, None, None)
         in_specs = (spec,) * 3 + (P(spec[0], None),) * (len(args) - 3)
         fn = jax.shard_map(
             per_shard, mesh=mesh, in_specs=in_specs, out_specs=spec, axis_names=frozenset(free), check_vma=False

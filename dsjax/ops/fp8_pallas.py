@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from dsjax.sharding import DEFAULT_RULES, active_platform, logical_to_spec
+from dsjax.sharding import active_platform, batch_row_axes, free_axes
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -94,9 +94,14 @@ def _scale(amax, tiles: TileRecipe, exact: bool):
     return s
 
 
+def _e4m3(x, s, exact: bool):
+    """``clip(x / s)`` as E4M3 (the clip because E4M3 casts do not saturate)."""
+    return jnp.clip(_divide(x, s, exact), -E4M3_MAX, E4M3_MAX).astype(E4M3)
+
+
 def _e4m3_bf16(x, s, exact: bool):
-    """``clip(x / s)`` as E4M3, returned in bf16 (exactly) for the MXU."""
-    return jnp.clip(_divide(x, s, exact), -E4M3_MAX, E4M3_MAX).astype(E4M3).astype(jnp.bfloat16)
+    """:func:`_e4m3` returned in bf16 (exactly) for the MXU."""
+    return _e4m3(x, s, exact).astype(jnp.bfloat16)
 
 
 def _dot(a, b):
@@ -132,7 +137,7 @@ def _quantize_kernel(x_ref, q_ref, s_ref, *, bk: int, tiles: TileRecipe, exact: 
         cols = slice(c * LANE, (c + 1) * LANE)
         x = x_ref[:, cols].astype(jnp.float32)
         s = _scale(jnp.max(jnp.abs(x), axis=1, keepdims=True), tiles, exact)  # [bm, 1]
-        q_ref[:, cols] = jnp.clip(_divide(x, s, exact), -E4M3_MAX, E4M3_MAX).astype(E4M3)
+        q_ref[:, cols] = _e4m3(x, s, exact)
         scales = jnp.where(lanes == step * (bk // LANE) + c, s, scales)
     s_ref[...] = scales
 
@@ -276,35 +281,17 @@ def _wgrad_local(xq, sx, g, *, x_tiles, g_tiles):
 # ---- per shard under a mesh -------------------------------------------------------------------------------
 
 
-def _free_axes() -> tuple[str, ...]:
-    mesh = jax.sharding.get_abstract_mesh()
-    return () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
-
-
-def _row_axes(rows: int, tile: int = 1) -> tuple[str, ...]:
-    """The free mesh axes dsjax shards tokens over (the ``batch`` rule) that split ``rows`` into shards of a
-    multiple of ``tile`` rows (the weight gradient's 128-token tiles must not straddle shards: then each
-    device's tiles are the single-device ones and the sharded result equals it)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    free = _free_axes()
-    batch = logical_to_spec(("batch",), DEFAULT_RULES, mesh)[0]
-    axes, size = [], 1
-    for a in (batch,) if isinstance(batch, str) else tuple(batch or ()):
-        if a in free and rows % (size * mesh.shape[a] * tile) == 0:
-            axes.append(a)
-            size *= mesh.shape[a]
-    return tuple(axes)
-
-
 def _on_shards(local, row_args, whole_args=(), *, tile: int = 1, partial_sum: bool = False, outputs: int = 1):
     """``local(*row_args, *whole_args)`` per device under the active mesh's free axes: ``row_args`` (and the
-    results: ``outputs`` of them) split by rows over :func:`_row_axes`, ``whole_args`` whole on every device.
-    ``partial_sum``: the result is a per-device partial sum over the device's rows, summed across devices by
-    XLA."""
-    free = _free_axes()
+    results: ``outputs`` of them) split by rows over :func:`dsjax.sharding.batch_row_axes`, ``whole_args``
+    whole on every device. ``partial_sum``: the result is a per-device partial sum over the device's rows,
+    summed across devices by XLA."""
+    free = free_axes()
     if not free:
         return local(*row_args, *whole_args)
-    rows = _row_axes(row_args[0].shape[0], tile)
+    # The weight gradient's 128-token tiles must not straddle shards (``tile``): then each device's tiles are the
+    # single-device ones and the sharded result equals it.
+    rows = batch_row_axes(row_args[0].shape[0], tile=tile)
     spec = P(rows or None, None)
     in_specs = (spec,) * len(row_args) + (P(),) * len(whole_args)
     mapped = functools.partial(jax.shard_map, in_specs=in_specs, axis_names=frozenset(free), check_vma=False)
