@@ -89,8 +89,9 @@ class Fp8Recipe:
     dtype (the kernels of the bf16 path, e.g. megablox on TPU) with every other FP8 GEMM as it is.
     ``backend``: ``blocked`` splits the contraction into ``block``-long fp8 x fp8 -> fp32 dots (the structure of
     DeepSeek's kernels, the default); ``reference`` dequantises both operands and does one fp32 dot (the oracle);
-    ``pallas`` runs the dense GEMMs as Pallas TPU kernels with ``blocked``'s numerics (interpreted off TPU;
-    ``block`` must be 128), ``auto`` picks ``pallas`` when compiling for TPU and ``blocked`` elsewhere.
+    ``pallas`` runs the GEMMs as Pallas TPU kernels with ``blocked``'s numerics (the dense ones always, the
+    routed experts' grouped ones where each device has its own rows, as under expert parallelism; interpreted
+    off TPU; ``block`` must be 128), ``auto`` picks ``pallas`` when compiling for TPU and ``blocked`` elsewhere.
     ``pow2_scales`` rounds every scale up to a power of two (DeepSeek-V3.1's UE8M0 scales), which makes the
     1x128 -> 128x1 re-tiling in the backward pass nearly lossless.
     ``amax_floor`` (1e-4, from DeepSeek's activation-quantisation kernel) applies to activations and weights;

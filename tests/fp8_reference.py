@@ -145,8 +145,8 @@ def ragged_fwd(x, w, group_sizes, pow2=False, w_q=None):
 
 
 def ragged_grads(x, w, group_sizes, g, pow2=False):
-    """``(dx, dw)`` of :func:`ragged_fwd`; the weight gradient tiles 128 rows within each expert's rows, the
-    tiles restarting at each group start."""
+    """``(dx, dw)`` of :func:`ragged_fwd`; the weight gradient's tiles are the batch's 128-row tiles (rows
+    ``t*128 ..``) split at group boundaries: one tile per (tile, group) overlap."""
     xq, sx = quantize_rows(x, pow2)
     wq, sw = quantize_blocks(w, pow2)
     g = np.asarray(g).astype(np.float32)
@@ -154,6 +154,8 @@ def ragged_grads(x, w, group_sizes, g, pow2=False):
     dw = np.zeros(w.shape, np.float64)
     for e, rows in enumerate(_groups(group_sizes)):
         dx[rows] = dgrad(g[rows], wq[e], sw[e], pow2)
-        if rows.stop > rows.start:
-            dw[e] = wgrad(xq[rows], sx[rows], g[rows], pow2)
+        for start in range(rows.start, rows.stop):  # each overlap is one wgrad tile (<= 128 rows)
+            if start == rows.start or start % BLOCK == 0:
+                piece = slice(start, min(rows.stop, (start // BLOCK + 1) * BLOCK))
+                dw[e] += wgrad(xq[piece], sx[piece], g[piece], pow2)
     return dx, dw

@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsjax.config import ConfigError, Fp8Recipe
-from dsjax.ops import fp8, fp8_pallas
+from dsjax.ops import fp8, fp8_grouped_pallas, fp8_pallas
 from dsjax.sharding import make_mesh
 
 HYP = settings(max_examples=10, deadline=None)
 BACKENDS = ("blocked", "reference")
-DENSE_BACKENDS = (*BACKENDS, "pallas")  # the Pallas TPU kernels (dense GEMMs only), run by Pallas' interpreter here
+ALL_BACKENDS = (*BACKENDS, "pallas")  # the Pallas TPU kernels, run by Pallas' interpreter here
 ORACLE_TOL = 1e-5  # fp8 x fp8 partial dots are exact; what is left is fp32 scale products and sums
 # reference: one fp32 dot over all of K (measured <= 1.5e-6); pallas: blocked's sums in the kernels' order
 GEMM_TOL = {"blocked": 1e-6, "reference": 5e-6, "pallas": 1e-6}
@@ -190,7 +190,7 @@ def test_gemm_matches_blocked_oracle(backend, col_block):
 @pytest.mark.parametrize("pow2", [False, True])
 def test_fp8_matmul_error_band(pow2):
     x, w = activations(2, (256, 512)), activations(3, (512, 384)) * 0.02
-    ys = {b: np.asarray(fp8.fp8_matmul(jnp.asarray(x), jnp.asarray(w), recipe(b, pow2))) for b in DENSE_BACKENDS}
+    ys = {b: np.asarray(fp8.fp8_matmul(jnp.asarray(x), jnp.asarray(w), recipe(b, pow2))) for b in ALL_BACKENDS}
     y_ref = ref.linear_fwd(x, w, pow2)
     for backend, y in ys.items():
         assert max_rel(y, y_ref) < GEMM_TOL[backend]
@@ -213,7 +213,7 @@ def vjp(f, primals, g, jit=True):
 
 @pytest.mark.parametrize("g_scale", [1.0, 1e-7])
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_fp8_matmul_grads(backend, pow2, g_scale):
     """g_scale 1e-7: gradients as small as real ones (most rows below the activations' 1e-4 amax floor) keep
     their precision, because gradient tiles use grad_amax_floor."""
@@ -231,7 +231,7 @@ def test_fp8_matmul_grads(backend, pow2, g_scale):
         assert BAND[0] < rel_fro(got, exact) < BAND[1]
 
 
-@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_fp8_matmul_prequantized_weight(backend):
     x, w = activations(7, (96, 300)), activations(8, (300, 130)) * 0.02
     g = np.random.default_rng(9).standard_normal((96, 130)).astype(np.float32)
@@ -331,11 +331,11 @@ GROUPS = np.array([40, 0, 150, 70])  # an empty group, one of 150 rows starting 
 
 
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_fp8_ragged_dot(backend, pow2):
     s_rows, k, n = 300, 200, 136
     x = activations(13, (s_rows, k))
-    x[[45, 170, 200]] *= 30  # outlier tokens: wgrad tiles must restart at each group start to match
+    x[[45, 130, 200]] *= 30  # outlier tokens: each wgrad tile's scale must see only its group's part of the tile
     w = activations(14, (len(GROUPS), k, n)) * 0.02
     g = np.random.default_rng(15).standard_normal((s_rows, n)).astype(np.float32)
     r = recipe(backend, pow2)
@@ -353,6 +353,128 @@ def test_fp8_ragged_dot(backend, pow2):
     yq, (dxq,) = vjp(lambda x: fp8.fp8_ragged_dot(x, jnp.asarray(wq), jnp.asarray(GROUPS), r, jnp.asarray(sw)), (x,), g)
     assert max_rel(yq, ref.ragged_fwd(x, None, GROUPS, pow2, w_q=(wq, sw))) < ORACLE_TOL
     assert max_rel(dxq, dx_ref) < ORACLE_TOL
+
+
+@pytest.mark.parametrize("backend", ["blocked", "pallas"])
+def test_experts_quantised_ahead_keep_the_weight_gradient(backend):
+    """``quantize_experts`` (how the gated pair holds the experts, in the compute dtype): its float-held E4M3
+    values give ``fp8_ragged_dot`` the float weight's outputs and gradients
+    (the weight's straight through); in bf16 the values are exact and the weight gradient comes back in bf16."""
+    r = recipe(backend)
+    x = jnp.asarray(activations(13, (300, 200)))
+    w = jnp.asarray(activations(14, (len(GROUPS), 200, 136)) * 0.02)
+    sizes = jnp.asarray(GROUPS)
+
+    def ahead(x, w, dtype=jnp.float32):
+        values, scales = fp8.quantize_experts(w, r, dtype)
+        return fp8.fp8_ragged_dot(x, values, sizes, r, w_scale=scales)
+
+    grads = lambda f: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w))), (0, 1)))(x, w)
+    assert_close(grads(ahead), grads(lambda x, w: fp8.fp8_ragged_dot(x, w, sizes, r)), tol=1e-6)
+    values, scales = fp8.quantize_experts(w, r, jnp.bfloat16)
+    assert values.dtype == jnp.bfloat16 and scales.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(values.astype(fp8.E4M3).astype(jnp.bfloat16)), np.asarray(values))
+    _, pullback = jax.vjp(lambda v: fp8.fp8_ragged_dot(x, v, sizes, r, w_scale=scales), values)
+    assert pullback(jnp.ones((300, 136)))[0].dtype == jnp.bfloat16
+    dw = jax.grad(lambda w: jnp.sum(ahead(x, w, jnp.bfloat16)))(w)
+    assert dw.dtype == w.dtype and np.asarray(dw)[2].any()
+
+
+@pytest.mark.parametrize(
+    ("rows", "groups"),
+    [
+        (300, [0, 0, 300, 0]),  # one expert takes every row
+        (300, [128, 128, 0, 44]),  # groups on tile edges, an empty one inside
+        (256, [256, 0, 0, 0]),  # every row used, empty experts at the end
+        (700, [3, 0, 200, 1, 130, 0, 300]),  # 512-row visits (4 token tiles each), many experts in one tile
+    ],
+)
+def test_pallas_grouped_kernels_match_the_oracle(rows, groups):
+    """The grouped kernels (forward with fp8 ``a``, input gradient with ``g`` quantised in the kernel and
+    ``w^T`` read in place, weight gradient re-tiled in the kernel) against the NumPy oracle, on schedules
+    with empty experts, experts sharing a row tile, and rows past the last group (zeros)."""
+    groups = np.array(groups)
+    k, n = 200, 136
+    x = activations(50, (rows, k))
+    x[[2, 130, 250]] *= 30
+    w = activations(51, (len(groups), k, n)) * 0.02
+    g = np.random.default_rng(52).standard_normal((rows, n)).astype(np.float32)
+    xq, sx = ref.quantize_rows(x)
+    wq, sw = ref.quantize_blocks(w)
+    dx_ref, dw_ref = ref.ragged_grads(x, w, groups, g)
+    tiles = fp8_pallas.TileRecipe(amax_floor=1e-4, pow2=False)
+    g_tiles = fp8_pallas.TileRecipe(amax_floor=1e-30, pow2=False)
+    sizes = jnp.asarray(groups)
+    y = fp8_grouped_pallas.grouped_matmul(
+        jnp.asarray(xq), jnp.asarray(sx), jnp.asarray(wq), jnp.asarray(ref.block_scales_per_column(sw, n)), sizes
+    )
+    sw_t = ref.block_scales_per_column(sw.transpose(0, 2, 1), k)
+    dx = fp8_grouped_pallas.grouped_matmul(
+        jnp.asarray(g), None, jnp.asarray(wq), jnp.asarray(sw_t), sizes, tiles=g_tiles, transpose_b=True
+    )
+    dw = fp8_grouped_pallas.grouped_weight_grad(
+        jnp.asarray(xq), jnp.asarray(sx), jnp.asarray(g), sizes, x_tiles=tiles, g_tiles=g_tiles
+    )
+    assert max_rel(y, ref.ragged_fwd(x, w, groups)) < GEMM_TOL["pallas"]
+    assert max_rel(dx, dx_ref) < GEMM_TOL["pallas"]
+    assert max_rel(dw, dw_ref) < GEMM_TOL["pallas"]
+    assert not np.asarray(y)[groups.sum() :].any() and not np.asarray(dx)[groups.sum() :].any()
+    assert not np.asarray(dw)[groups == 0].any()
+
+
+def test_pallas_grouped_sum_of_products_in_one_pass():
+    """``grouped_matmul_sum``: two grouped products with contractions of different sizes (200, 300: padded to
+    256 and 384, one kernel's steps running through both) summed in the kernel equal the oracle's sum; so does
+    the gated pair (``GroupedMatmul.pair``: x quantised once, one input-gradient pass) against two GEMMs."""
+    groups = np.array([40, 0, 150, 70])
+    sizes = jnp.asarray(groups)
+    g_tiles = fp8_pallas.TileRecipe(amax_floor=1e-30, pow2=False)
+    terms, want = [], 0.0
+    for seed, k in ((60, 200), (62, 300)):
+        g = activations(seed, (300, k))
+        wq, sw = ref.quantize_blocks(activations(seed + 1, (len(groups), 136, k)) * 0.02)  # w [E, N, K]: b = w^T
+        term = np.zeros((300, 136))
+        for e, rows in enumerate(ref._groups(groups)):
+            term[rows] = ref.dgrad(g[rows], wq[e], sw[e])
+        want = want + term
+        cols = ref.block_scales_per_column(sw.transpose(0, 2, 1), 136)
+        terms.append((jnp.asarray(g), None, jnp.asarray(wq), jnp.asarray(cols)))
+    got = fp8_grouped_pallas.grouped_matmul_sum(terms, sizes, tiles=g_tiles, transpose_b=True)
+    assert max_rel(got, want) < GEMM_TOL["pallas"]
+    # the pair against two separate GEMMs (values, input and weight gradients)
+    x = jnp.asarray(activations(13, (300, 200)))
+    w_gate, w_up = (jnp.asarray(activations(s, (len(groups), 200, 136)) * 0.02) for s in (64, 65))
+    gmm = fp8.grouped_matmul(recipe("pallas"))
+
+    def loss(pair):
+        def f(x, w_gate, w_up):
+            gate, up = gmm.pair(x, w_gate, w_up, sizes) if pair else (gmm(x, w_gate, sizes), gmm(x, w_up, sizes))
+            return jnp.sum(jnp.tanh(gate) * up)
+
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2)))(x, w_gate, w_up)
+
+    assert_close(loss(True), loss(False), tol=1e-6)
+
+
+def test_grouped_kernels_run_where_the_rows_are_the_devices_own():
+    """Unpartitioned (or inside expert parallelism's shard_map) the grouped GEMMs are the kernels; under a mesh
+    whose axes are still free they are ``blocked`` (a grouped kernel cannot split the batch's groups by rows),
+    with the same tiles, so the same values."""
+    x = jnp.asarray(activations(13, (300, 200)))
+    w = jnp.asarray(activations(14, (len(GROUPS), 200, 136)) * 0.02)
+
+    def run(backend):
+        loss = lambda x, w: jnp.sum(jnp.tanh(fp8.fp8_ragged_dot(x, w, jnp.asarray(GROUPS), recipe(backend))))
+        fn = jax.value_and_grad(loss, (0, 1))
+        return fn(x, w), str(jax.make_jaxpr(fn)(x, w))
+
+    (kernels, text), (blocked, _) = run("pallas"), run("blocked")
+    assert "dsjax_fp8_grouped_matmul" in text and "dsjax_fp8_grouped_weight_grad" in text
+    assert_close(kernels, blocked, tol=1e-5)
+    with jax.set_mesh(make_mesh(2, 4)):
+        sharded, text = run("pallas")
+    assert "dsjax_fp8_grouped" not in text and "dsjax_fp8_quantize" not in text
+    assert_close(sharded, blocked, tol=1e-5)
 
 
 @pytest.mark.parametrize("groups", [GROUPS, np.array([0, 0, 300, 0]), np.array([128, 128, 0, 44])])

@@ -158,6 +158,26 @@ def _grads(model, tokens, remat):
     return nnx.state(nnx.grad(loss)(model), nnx.Param)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))  # op by op, the ep path alone takes 90 s on 2 cores
+def _moe_layer_vjp(graphdef, dispatch, params, rest, x, weight_grads):
+    def f(params, x_):
+        return nnx.merge(graphdef, params, rest)(x_, dispatch)[0]
+
+    y, pullback = jax.vjp(f, params, x)
+    d_params, dx = pullback(jnp.cos(y))
+    return y, dx, {k: d_params[k][...] for k in ("w_gate", "w_up", "w_down")} if weight_grads else {}
+
+
+def _moe_vjp(module, dispatch, x, weight_grads=True):
+    """An MoE layer's output, input gradient and expert weight gradients (cotangent ``cos(y)``)."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return _moe_layer_vjp(graphdef, dispatch, params, rest, x, weight_grads)
+
+
+def _moe_input(cfg):
+    return jnp.asarray(np.random.default_rng(4).standard_normal((8, 4, cfg.hidden_size)), jnp.float32)
+
+
 @pytest.mark.parametrize("fp8_weights", [False, True])
 def test_fp8_moe_dispatch_paths_agree(fp8_weights):
     """One MoE layer in FP8: per-block (blocked), grouped (ragged) and expert-parallel (8 devices, all-to-all)
@@ -174,21 +194,8 @@ def test_fp8_moe_dispatch_paths_agree(fp8_weights):
     if fp8_weights:
         assert moe.w_gate.get_value().dtype == jnp.float8_e4m3fn
         chex.assert_shape(moe.w_gate_scale.get_value(), (8, 2, 2))  # [experts, ceil(160/128), ceil(136/128)]
-    x = jnp.asarray(np.random.default_rng(4).standard_normal((8, 4, cfg.hidden_size)), jnp.float32)
-
-    @functools.partial(jax.jit, static_argnums=(0, 1))  # op by op, the ep path alone takes 90 s on 2 cores
-    def vjp(graphdef, dispatch, params, rest, x):
-        def f(params, x_):
-            return nnx.merge(graphdef, params, rest)(x_, dispatch)[0]
-
-        y, pullback = jax.vjp(f, params, x)
-        d_params, dx = pullback(jnp.cos(y))
-        return y, dx, {k: d_params[k][...] for k in ("w_gate", "w_up", "w_down")} if not fp8_weights else {}
-
-    def run(module, dispatch):
-        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-        return vjp(graphdef, dispatch, params, rest, x)
-
+    x = _moe_input(cfg)
+    run = functools.partial(_moe_vjp, x=x, weight_grads=not fp8_weights)
     ragged = run(moe, "ragged")
     results = {"blocked": run(moe, "blocked")}
     with jax.set_mesh(dsjax.sharding.make_mesh(data=2, expert=4)):
@@ -201,6 +208,35 @@ def test_fp8_moe_dispatch_paths_agree(fp8_weights):
             for name, dw in out[2].items():
                 err = float(jnp.linalg.norm(dw - exact[name]) / jnp.linalg.norm(exact[name]))
                 assert 0.005 < err < 0.08, (name, err)
+
+
+def test_grouped_pallas_kernels_in_the_moe_layer_equal_blocked(monkeypatch):
+    """``fp8.backend="pallas"``'s grouped kernels (interpreted) in an FP8 MoE layer: unpartitioned (``ragged``)
+    and inside expert parallelism's shard_map (8 devices, vma checks off, the weight gradients summed over
+    ``data`` by shard_map's transpose), outputs, input gradients and expert weight gradients equal ``blocked``'s
+    on the same path: the same token tiles, fp32 sums in another order."""
+    from dsjax.layers.moe import MoE
+    from dsjax.ops import fp8_grouped_pallas
+
+    traced_under = []  # the manual mesh axes each weight-gradient kernel was traced under
+    kernel = fp8_grouped_pallas.grouped_weight_grad
+
+    def spy(*args, **kwargs):
+        traced_under.append(tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes)))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(fp8_grouped_pallas, "grouped_weight_grad", spy)
+    cfg = CFG.replace(fp8=True)
+    blocked = MoE(cfg, rngs=nnx.Rngs(3), param_dtype=jnp.float32)
+    kernels = MoE(cfg.replace(fp8={"backend": "pallas"}), rngs=nnx.Rngs(3), param_dtype=jnp.float32)
+    x = _moe_input(cfg)
+    pairs = [(_moe_vjp(kernels, "ragged", x), _moe_vjp(blocked, "ragged", x))]
+    with jax.set_mesh(dsjax.sharding.make_mesh(data=2, expert=4)):
+        pairs.append((_moe_vjp(kernels, "ep", x), _moe_vjp(blocked, "ep", x)))
+    assert traced_under == [()] * 3 + [("data", "expert")] * 3  # w_gate, w_up, w_down: unpartitioned, then EP
+    for got, want in pairs:
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert rel_err(a, b) < 1e-5
 
 
 def test_fp8_weights_model_layout():

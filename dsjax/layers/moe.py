@@ -7,7 +7,7 @@ from flax import nnx
 from dsjax.config import Fp8Recipe, ModelConfig, Numerics
 from dsjax.layers.common import MLP, RoutingBias, float_weight, param, projection, weight_and_scale
 from dsjax.ops.ep import moe_expert_parallel
-from dsjax.ops.fp8 import blocked_matmul, grouped_matmul
+from dsjax.ops.fp8 import blocked_matmul, grouped_matmul, uses_pallas
 from dsjax.ops.gpu_gmm import gpu_gmm, gpu_gmm_supported
 from dsjax.ops.moe import megablox_gmm, moe_blocked, moe_dense, moe_ragged
 from dsjax.ops.routing import Routing, route
@@ -122,6 +122,8 @@ class MoE(nnx.Module):
                 kwargs["bmm"] = blocked_matmul(fp8)
             else:
                 kwargs["gmm"] = grouped_matmul(fp8)
+                if dispatch == "ep" and uses_pallas(fp8):  # Pallas outputs carry no replication type
+                    kwargs["check_vma"] = False
         else:
             weights = [float_weight(w, s, x_md.dtype, n_in=1, n_lead=1) for w, s in experts]
         if dispatch == "ep":

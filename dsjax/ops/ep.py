@@ -71,6 +71,7 @@ from jax.sharding import PartitionSpec
 
 from dsjax.ops.moe import (
     combine_slots,
+    gate_and_up,
     gather_slot_rows,
     moe_ragged,
     permutation_inverse,
@@ -341,8 +342,7 @@ def _grouped_ffn(recv_x, recv_e, w_gate_edf, w_up_edf, w_down_efd, gmm):
     group_sizes = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
     valid = (jnp.arange(recv_e.shape[0]) < group_sizes.sum())[:, None]
     x_sorted = permute_rows(recv_x, r_order, r_inverse)
-    gate = jnp.where(valid, gmm(x_sorted, w_gate_edf, group_sizes), 0)
-    up = jnp.where(valid, gmm(x_sorted, w_up_edf, group_sizes), 0)
+    gate, up = (jnp.where(valid, h, 0) for h in gate_and_up(gmm, x_sorted, w_gate_edf, w_up_edf, group_sizes))
     y_sorted = gmm(swiglu(gate, up), w_down_efd, group_sizes)
     return permute_rows(y_sorted, r_inverse, r_order)
 

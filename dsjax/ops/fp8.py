@@ -18,13 +18,16 @@ Backends (``recipe.backend``): ``blocked`` splits the contraction into B-long sl
 fp32 accumulation and applies both scales to each slice's partial sums before adding them up -- the promotion
 every 128 elements of DeepSeek's kernels (on GPU/TPU the slices are one batched dot; it materialises an fp32
 ``[K/B, M, N]`` intermediate, so it is a faithful emulation, not a fast kernel). ``reference`` dequantises both
-operands and does one fp32 dot: the oracle the tests hold ``blocked`` to. ``pallas`` runs the dense GEMMs
-(``fp8_matmul``) as :mod:`dsjax.ops.fp8_pallas`'s TPU kernels -- the same numerics, every tile quantised and
-re-tiled in VMEM instead of XLA's fp32 copies of whole tensors -- and the grouped one as ``blocked``; ``auto`` is
-``pallas`` when compiling for TPU and ``blocked`` elsewhere.
+operands and does one fp32 dot: the oracle the tests hold ``blocked`` to. ``pallas`` runs the GEMMs as Pallas TPU
+kernels with the same numerics, every tile quantised and re-tiled in VMEM instead of XLA's fp32 copies of whole
+tensors: the dense ones (``fp8_matmul``) as :mod:`dsjax.ops.fp8_pallas`'s, split by rows under a mesh, the
+grouped ones as :mod:`dsjax.ops.fp8_grouped_pallas`'s where the rows are the device's own (inside expert
+parallelism, or unpartitioned; ``blocked`` elsewhere). ``auto`` is ``pallas`` when compiling for TPU and
+``blocked`` elsewhere.
 
 ``fp8_ragged_dot`` is the grouped version for the experts: rows sorted by expert, ``w [E, K, N]`` with BxB
-blocks per expert; its weight gradient tiles the tokens ``B x 1`` within each expert's rows.
+blocks per expert; its weight gradient tiles the tokens ``B x 1`` in the batch's aligned ``B``-row tiles split at
+expert boundaries, so a tile never mixes two experts' tokens.
 
 Both accept weights that are already fp8 (``w_scale`` given, e.g. loaded from an FP8 checkpoint); then only
 the input gradient flows.
@@ -40,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import Fp8Recipe
-from dsjax.ops import fp8_pallas
-from dsjax.sharding import active_platform, varying_axes
+from dsjax.ops import fp8_grouped_pallas, fp8_pallas
+from dsjax.sharding import active_platform, free_axes, varying_axes
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -178,11 +181,20 @@ def _grad_recipe(recipe: Fp8Recipe) -> Fp8Recipe:
     return dataclasses.replace(recipe, amax_floor=recipe.grad_amax_floor)
 
 
-def _uses_pallas(recipe: Fp8Recipe) -> bool:
-    """Whether the dense GEMMs run :mod:`dsjax.ops.fp8_pallas`'s kernels: ``pallas``, or ``auto`` on TPU."""
+def uses_pallas(recipe: Fp8Recipe) -> bool:
+    """Whether the recipe runs the Pallas kernels (:mod:`dsjax.ops.fp8_pallas`, and the grouped ones of
+    :mod:`dsjax.ops.fp8_grouped_pallas` where the rows are the device's own): ``pallas``, or ``auto`` on TPU."""
     if recipe.backend == "auto":
         return recipe.block == fp8_pallas.LANE and active_platform() == "tpu"
     return recipe.backend == "pallas"
+
+
+def _grouped_kernels(recipe: Fp8Recipe) -> bool:
+    """Whether the grouped GEMMs run :mod:`dsjax.ops.fp8_grouped_pallas`'s kernels: as the dense ones, where
+    the rows are this device's own (no mesh axis left to split: unpartitioned, or inside expert parallelism's
+    ``shard_map``). A grouped kernel cannot be split by rows like the dense ones (the groups are the batch's);
+    elsewhere the grouped GEMMs stay ``blocked`` (same tiles, same values)."""
+    return uses_pallas(recipe) and not free_axes()
 
 
 def _kernel_tiles(recipe: Fp8Recipe) -> fp8_pallas.TileRecipe:
@@ -196,7 +208,7 @@ def _column_scales(sw, n: int, block: int):
 
 def _wgrad(xq, sx, g, recipe: Fp8Recipe):
     """``dw = x^T . g`` with both re-tiled ``B x 1`` along the tokens (the contraction)."""
-    if _uses_pallas(recipe):
+    if uses_pallas(recipe):
         tiles = _kernel_tiles(recipe)
         return fp8_pallas.weight_grad(xq, sx, g, x_tiles=tiles, g_tiles=_kernel_tiles(_grad_recipe(recipe)))
     x = dequantize_rows(xq, sx, recipe.block)
@@ -207,7 +219,7 @@ def _wgrad(xq, sx, g, recipe: Fp8Recipe):
 
 def _dgrad(g, wq, sw, recipe: Fp8Recipe, dtype=jnp.float32):
     """``dx = g . w^T`` with g in 1xB tiles along N and the transposed weight blocks."""
-    if _uses_pallas(recipe):  # g's tiles quantised inside the kernel
+    if uses_pallas(recipe):  # g's tiles quantised inside the kernel
         sw_cols = _column_scales(sw.T, wq.shape[0], recipe.block)
         tiles = _kernel_tiles(_grad_recipe(recipe))
         return fp8_pallas.scaled_matmul(g, None, wq.T, sw_cols, out_dtype=dtype, tiles=tiles)
@@ -222,7 +234,7 @@ def _dgrad_dtype(reduce_axes, dtype):
 
 def _forward(xq, sx, wq, sw, recipe: Fp8Recipe, dtype):
     """``y = x . w`` in ``dtype`` from x's 1xB tiles and w's BxB blocks."""
-    if _uses_pallas(recipe):
+    if uses_pallas(recipe):
         return fp8_pallas.scaled_matmul(xq, sx, wq, _column_scales(sw, wq.shape[1], recipe.block), out_dtype=dtype)
     return gemm(xq, sx, wq, sw, col_block=recipe.block, recipe=recipe).astype(dtype)
 
@@ -234,7 +246,7 @@ def _linear(recipe, axes, x, w):
 
 def _quantize_activations(x, recipe: Fp8Recipe):
     """:func:`quantize_rows` of ``x [M, K]``; with the Pallas kernels, tile by tile in VMEM (same values)."""
-    if _uses_pallas(recipe):
+    if uses_pallas(recipe):
         return fp8_pallas.quantize(x, _kernel_tiles(recipe))
     return quantize_rows(x, recipe)
 
@@ -339,6 +351,11 @@ def _over_row_chunks(fn, row_args, group_sizes, chunk: int):
     return jax.tree.map(lambda y: y.reshape(n * chunk, *y.shape[2:])[:s_rows], ys)
 
 
+def _expert_column_scales(sw, n: int, block: int):
+    """Expert block scales ``[E, K/B, N/B]`` as one scale per column per ``B`` rows, ``[E, K/B, N]``."""
+    return jnp.repeat(sw, block, axis=2)[:, :, :n]
+
+
 def _ragged_gemm(xq, sx, wq, sw, group_sizes, *, col_block: int, recipe: Fp8Recipe):
     """Grouped ``x_rows . w[expert(row)]`` in fp32: ``xq [S, K]`` 1xB tiles, ``wq [E, K, N]`` with
     ``sw [E, K/B, N/col_block]``. Rows past ``sum(group_sizes)`` give zeros (as ``ragged_dot``)."""
@@ -376,31 +393,42 @@ _WGRAD_CHUNK_BYTES = 256 << 20  # fp32 partial products of the blocked grouped w
 
 
 def _expert_tiles(group_sizes, s_rows: int, b: int):
-    """Tiles of ``b`` consecutive rows within each expert's rows of an expert-sorted batch (a tile never mixes
-    two experts' tokens). Returns ``rows [T, b]`` (the source row of every tile slot, 0 where empty), ``valid
-    [T, b]`` and ``tile_expert [T]``, with ``T = S // b + E`` (a static bound on ``sum_e ceil(c_e / b)``)."""
+    """The weight gradient's token tiles of an expert-sorted batch: the batch's ``b``-row tiles (rows ``t*b ..
+    t*b + b - 1``) split where an expert's rows start or end, so a tile never mixes two experts' tokens and a
+    kernel walking the batch in aligned tiles meets the same ones (when every expert's rows start at a multiple
+    of ``b``, as in DeepSeek's grouped kernels' contiguous layout, these are simply each expert's ``b``-row
+    tiles). Returns ``rows [T, b]`` (the source row of every tile slot, 0 where empty), ``valid [T, b]``,
+    ``tile_expert [T]`` and ``tiles_per_expert [E]``, with ``T = ceil(S / b) + E`` (a static bound on the
+    number of (tile, expert) overlaps, ``ceil(S / b) + E - 1``)."""
     e = group_sizes.shape[0]
-    num_tiles = s_rows // b + e
+    num_tiles = -(-s_rows // b) + e
     ends = jnp.cumsum(group_sizes)
-    tiles_per = (group_sizes + b - 1) // b
+    starts = ends - group_sizes
+    tiles_per = jnp.where(group_sizes > 0, (ends - 1) // b - starts // b + 1, 0)
     tile_ends = jnp.cumsum(tiles_per)
     t = jnp.arange(num_tiles)
     tile_expert = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right"), e - 1)
-    first = (ends - group_sizes)[tile_expert] + (t - (tile_ends - tiles_per)[tile_expert]) * b
-    rows = first[:, None] + jnp.arange(b)[None, :]
-    valid = (rows < ends[tile_expert][:, None]) & (t < tile_ends[-1])[:, None]
-    return jnp.where(valid, rows, 0), valid, tile_expert
+    tile = starts[tile_expert] // b + t - (tile_ends - tiles_per)[tile_expert]
+    rows = tile[:, None] * b + jnp.arange(b)[None, :]
+    valid = (rows >= starts[tile_expert][:, None]) & (rows < ends[tile_expert][:, None])
+    valid = valid & (t < tile_ends[-1])[:, None]
+    return jnp.where(valid, rows, 0), valid, tile_expert, tiles_per
 
 
-def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe):
-    """``dw[e] = x_e^T . g_e`` with x and g re-tiled ``B x 1`` along the tokens *within* each expert's rows
-    (a tile never mixes two experts' tokens). Returns ``[E, K, N]`` fp32. The blocked backend forms one fp32
+def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float32):
+    """``dw[e] = x_e^T . g_e`` with x and g re-tiled ``B x 1`` along the tokens in :func:`_expert_tiles`'
+    tiles (a tile never mixes two experts' tokens). Returns ``[E, K, N]`` fp32. The blocked backend forms one fp32
     ``[K, N]`` partial product per tile (``S/B + E`` tiles), ``_WGRAD_CHUNK_BYTES`` of them at a time."""
+    if _grouped_kernels(recipe):
+        x_tiles, g_tiles = _kernel_tiles(recipe), _kernel_tiles(_grad_recipe(recipe))
+        return fp8_grouped_pallas.grouped_weight_grad(
+            xq, sx, g, group_sizes, x_tiles=x_tiles, g_tiles=g_tiles, out_dtype=out_dtype
+        )
     b = recipe.block
     s_rows, k = xq.shape
     e = group_sizes.shape[0]
     n = g.shape[1]
-    rows, valid, tile_expert = _expert_tiles(group_sizes, s_rows, b)
+    rows, valid, tile_expert, tiles_per = _expert_tiles(group_sizes, s_rows, b)
     num_tiles = rows.shape[0]
 
     def tile_quantize(v, valid, tile_recipe):  # v [T, B, C] fp32 -> q [T, B, C], s [T, C]
@@ -417,7 +445,7 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe):
         x_tiles, sxt, g_tiles, sgt = retiled(rows, valid)
         x = (x_tiles.astype(jnp.float32) * sxt[:, None, :]).reshape(-1, k)
         gd = (g_tiles.astype(jnp.float32) * sgt[:, None, :]).reshape(-1, n)
-        sizes = (group_sizes + b - 1) // b * b  # the tiles are in expert order, each expert's padded to b rows
+        sizes = tiles_per * b  # the tiles are in expert order, b slots each
         _, pullback = jax.vjp(
             lambda w: jax.lax.ragged_dot(x, w, sizes, precision=_HIGHEST), jnp.zeros((e, k, n), jnp.float32)
         )
@@ -464,7 +492,14 @@ def _quantize_experts(w, recipe: Fp8Recipe):
 
 
 def _grouped_forward(x, wq, sw, group_sizes, recipe: Fp8Recipe):
-    """``(y in x.dtype, xq, sx)``: x quantised and multiplied a chunk of rows at a time."""
+    """``(y in x.dtype, xq, sx)``: x quantised and multiplied a chunk of rows at a time (in one pass by the
+    kernels, which keep no fp32 copies)."""
+    if _grouped_kernels(recipe):
+        xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))
+        sw_cols = _expert_column_scales(sw, wq.shape[2], recipe.block)
+        return fp8_grouped_pallas.grouped_matmul(xq, sx, wq, sw_cols, group_sizes, out_dtype=x.dtype), xq, sx
+
+    wq = wq.astype(E4M3)  # E4M3 values in a float carrier (quantize_experts): exact
 
     def rows(xc, gs):
         xq, sx = quantize_rows(xc, recipe)
@@ -483,8 +518,15 @@ def _grouped_fwd(recipe, axes, x, w, group_sizes):
 
 def _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes, dtype):
     """``dx = g . w^T`` per expert, a chunk of rows at a time, summed over ``axes``; in ``dtype``."""
-    wt, swt = wq.transpose(0, 2, 1), sw.transpose(0, 2, 1)
     chunk_dtype = jnp.float32 if axes else dtype  # fp32 until summed over the reduction axes, if any
+    if _grouped_kernels(recipe):  # g's tiles quantised in the kernel, w^T read in place
+        sw_cols = _expert_column_scales(sw.transpose(0, 2, 1), wq.shape[1], recipe.block)
+        tiles = _kernel_tiles(_grad_recipe(recipe))
+        dx = fp8_grouped_pallas.grouped_matmul(
+            g, None, wq, sw_cols, group_sizes, out_dtype=chunk_dtype, tiles=tiles, transpose_b=True
+        )
+        return _reduce(dx, axes, dtype)
+    wt, swt = wq.astype(E4M3).transpose(0, 2, 1), sw.transpose(0, 2, 1)
 
     def rows(gc, gs):
         gq, sg = quantize_rows(gc, _grad_recipe(recipe))
@@ -527,29 +569,145 @@ def _grouped_q_bwd(recipe, axes, res, g):
 _grouped_q.defvjp(_grouped_q_fwd, _grouped_q_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def quantize_experts(w, recipe: Fp8Recipe, dtype):
+    """Expert weights ``w [E, K, N]`` quantised in ``B x B`` blocks ahead of the grouped GEMMs: ``(values [E,
+    K, N] in dtype, scales [E, K/B, N/B])``, the values E4M3 numbers held exactly in ``dtype`` (bf16 / fp32).
+
+    Differentiable straight through: :func:`fp8_ragged_dot` (and :meth:`GroupedMatmul.pair`) given such values
+    return, as their gradient, the dequantised weight's ``x^T . g`` in ``dtype``, which passes to ``w``
+    unchanged (what they compute when they quantise a float ``w`` themselves). ``GroupedMatmul.pair`` holds
+    the experts this way in the compute dtype, so their gradients come back in it as the bf16 path's do.
+    (Quantising the FSDP shards this way before expert parallelism gathers them, so that the gather moves bf16
+    rather than fp32, compiled to larger temporaries on v5p: 21.13 / 23.20 GiB against 20.85 / 19.91.)"""
+    wq, sw = quantize_blocks(w, recipe)  # vectorised: a map over a sharded expert axis would gather it
+    return wq.astype(dtype), sw
+
+
+def _quantize_experts_fwd(w, recipe, dtype):
+    return quantize_experts(w, recipe, dtype), jnp.zeros((), w.dtype)
+
+
+def _quantize_experts_bwd(recipe, dtype, w_dtype, ct):
+    return (ct[0].astype(w_dtype.dtype),)
+
+
+quantize_experts.defvjp(_quantize_experts_fwd, _quantize_experts_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _grouped_c(recipe, axes, x, wc, sw, group_sizes):
+    return _grouped_c_fwd(recipe, axes, x, wc, sw, group_sizes)[0]
+
+
+def _grouped_c_fwd(recipe, axes, x, wc, sw, group_sizes):
+    y, xq, sx = _grouped_forward(x, wc, sw, group_sizes, recipe)
+    return y, (xq, sx, wc, sw, group_sizes, jnp.zeros((), x.dtype))
+
+
+def _grouped_c_bwd(recipe, axes, res, g):
+    xq, sx, wc, sw, group_sizes, x_dtype = res
+    dx = _grouped_dgrad(g, wc, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
+    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes[1] else wc.dtype)
+    return dx, _reduce(dw, axes[1], wc.dtype), jnp.zeros_like(sw), _int_zero(group_sizes)
+
+
+_grouped_c.defvjp(_grouped_c_fwd, _grouped_c_bwd)
+
+
 def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
     """Grouped FP8 GEMM: ``x [S, K]`` rows sorted by expert, ``w [E, K, N]``, ``group_sizes [E]`` -> ``[S, N]``.
 
-    Same contract as ``jax.lax.ragged_dot``; ``w`` float (quantised here in BxB blocks per expert) or E4M3 with
-    ``w_scale [E, ceil(K/B), ceil(N/B)]``.
+    Same contract as ``jax.lax.ragged_dot``; ``w`` float (quantised here in BxB blocks per expert), or quantised
+    with ``w_scale [E, ceil(K/B), ceil(N/B)]``: E4M3 (no weight gradient), or E4M3 values in a float dtype
+    from :func:`quantize_experts` (their gradient: the dequantised weight's, in that dtype).
     """
     group_sizes = group_sizes.astype(jnp.int32)
     axes = _reductions(x, w)
     if w_scale is None:
         return _grouped(recipe, axes, x, w, group_sizes)
-    return _grouped_q(recipe, axes, x, w, w_scale, group_sizes)
+    if w.dtype == E4M3:
+        return _grouped_q(recipe, axes, x, w, w_scale, group_sizes)
+    return _grouped_c(recipe, axes, x, w, w_scale, group_sizes)
 
 
-def grouped_matmul(recipe: Fp8Recipe):
-    """A ``gmm(x, w, group_sizes)`` for :func:`dsjax.ops.moe.moe_ragged` / expert parallelism: ``w`` a float
-    ``[E, K, N]`` or an ``(e4m3 [E, K, N], scales [E, K/B, N/B])`` pair."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gate_up(recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes):
+    return _gate_up_fwd(recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes)[0]
 
-    def gmm(x, w, group_sizes):
+
+def _gate_up_fwd(recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes):
+    xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))  # once for both projections (and both gradients)
+    outs = tuple(
+        fp8_grouped_pallas.grouped_matmul(
+            xq, sx, v, _expert_column_scales(sw, v.shape[2], recipe.block), group_sizes, out_dtype=x.dtype
+        )
+        for v, sw in ((v_gate, s_gate), (v_up, s_up))
+    )
+    return outs, (xq, sx, v_gate, s_gate, v_up, s_up, group_sizes, jnp.zeros((), x.dtype))
+
+
+def _gate_up_bwd(recipe, axes, res, cts):
+    xq, sx, v_gate, s_gate, v_up, s_up, group_sizes, x_dtype = res
+    b = recipe.block
+    terms = [
+        (g, None, v, _expert_column_scales(sw.transpose(0, 2, 1), v.shape[1], b))
+        for g, v, sw in zip(cts, (v_gate, v_up), (s_gate, s_up), strict=True)
+    ]
+    dx = fp8_grouped_pallas.grouped_matmul_sum(
+        terms,
+        group_sizes,
+        out_dtype=_dgrad_dtype(axes[0], x_dtype.dtype),
+        tiles=_kernel_tiles(_grad_recipe(recipe)),
+        transpose_b=True,
+    )
+
+    def weight_grad(g, v):
+        if v.dtype == E4M3:  # fp8-stored experts: no weight gradient
+            return jnp.zeros_like(v)
+        dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes[1] else v.dtype)
+        return _reduce(dw, axes[1], v.dtype)
+
+    dw_gate, dw_up = weight_grad(cts[0], v_gate), weight_grad(cts[1], v_up)
+    zeros = jnp.zeros_like
+    return _reduce(dx, axes[0], x_dtype.dtype), dw_gate, zeros(s_gate), dw_up, zeros(s_up), _int_zero(group_sizes)
+
+
+_gate_up.defvjp(_gate_up_fwd, _gate_up_bwd)
+
+
+class GroupedMatmul:
+    """The experts' grouped FP8 GEMMs for :func:`dsjax.ops.moe.moe_ragged` / expert parallelism.
+
+    ``gmm(x, w, group_sizes)`` is :func:`fp8_ragged_dot`; ``gmm.pair(x, w_gate, w_up, group_sizes)`` both SwiGLU
+    input projections of the same rows (:func:`dsjax.ops.moe.gate_and_up` uses it). ``w``: a float ``[E, K, N]``
+    or a ``(values [E, K, N], scales [E, K/B, N/B])`` pair (E4M3, or :func:`quantize_experts`' float-held
+    values). Where the grouped kernels run, the pair quantises ``x`` once for both and computes their input
+    gradient ``g_gate . w_gate^T + g_up . w_up^T`` in one kernel pass (one ``[rows, K]`` result, not two to
+    be added); elsewhere it is the two GEMMs."""
+
+    def __init__(self, recipe: Fp8Recipe):
+        self.recipe = recipe
+
+    def __call__(self, x, w, group_sizes):
         if isinstance(w, tuple):
-            return fp8_ragged_dot(x, w[0], group_sizes, recipe, w_scale=w[1])
-        return fp8_ragged_dot(x, w, group_sizes, recipe)
+            return fp8_ragged_dot(x, w[0], group_sizes, self.recipe, w_scale=w[1])
+        return fp8_ragged_dot(x, w, group_sizes, self.recipe)
 
-    return gmm
+    def pair(self, x, w_gate, w_up, group_sizes):
+        if not _grouped_kernels(self.recipe):
+            return self(x, w_gate, group_sizes), self(x, w_up, group_sizes)
+        # Float weights quantised here and held in the compute dtype: their gradients come back in it, as the
+        # bf16 path's (megablox) do; compiled for v5p this step's temporaries were the smallest of the forms tried.
+        v_gate, s_gate = w_gate if isinstance(w_gate, tuple) else quantize_experts(w_gate, self.recipe, x.dtype)
+        v_up, s_up = w_up if isinstance(w_up, tuple) else quantize_experts(w_up, self.recipe, x.dtype)
+        axes = _reductions(x, v_gate)
+        return _gate_up(self.recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes.astype(jnp.int32))
+
+
+def grouped_matmul(recipe: Fp8Recipe) -> GroupedMatmul:
+    """The :class:`GroupedMatmul` ``gmm`` of ``recipe``."""
+    return GroupedMatmul(recipe)
 
 
 def blocked_matmul(recipe: Fp8Recipe):

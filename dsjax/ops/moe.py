@@ -149,6 +149,15 @@ def megablox_gmm(x, w, group_sizes, *, interpret: bool = False):
     return jnp.where((jnp.arange(m) < group_sizes.sum())[:, None], y, 0)
 
 
+def gate_and_up(gmm, x, w_gate, w_up, group_sizes):
+    """The experts' two SwiGLU input projections of the same rows: ``gmm.pair`` where the ``gmm`` has one (the
+    FP8 kernels compute both together), else two ``gmm`` calls."""
+    pair = getattr(gmm, "pair", None)
+    if pair is not None:
+        return pair(x, w_gate, w_up, group_sizes)
+    return gmm(x, w_gate, group_sizes), gmm(x, w_up, group_sizes)
+
+
 def moe_ragged(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *, accum_dtype=jnp.float32, gmm=None):
     """Routed-expert output ``[m, d]`` via ``jax.lax.ragged_dot`` over expert-sorted token slots.
 
@@ -165,7 +174,7 @@ def moe_ragged(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *
     inverse = permutation_inverse(order)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     x_sorted = gather_slot_rows(x_md, order, inverse, "mkd")
-    hidden = swiglu(gmm(x_sorted, w_gate_edf, group_sizes), gmm(x_sorted, w_up_edf, group_sizes))
+    hidden = swiglu(*gate_and_up(gmm, x_sorted, w_gate_edf, w_up_edf, group_sizes))
     y_sorted = gmm(hidden, w_down_efd, group_sizes)
     y_slots = permute_rows(y_sorted, inverse, order).reshape(m, k, -1)
     return combine_slots(y_slots, weights_mk, "mkd", accum_dtype).astype(x_md.dtype)
