@@ -27,8 +27,8 @@ cuDNN block-scaled custom call). "jax f8 dot" in the summary says whether the HL
 at all, so an upcast can be told apart from one JAX wrote itself.
 
 Run (GPU; about 3-4 minutes on an H200 including compiles, ``--budget-s`` caps the sweep; the device image's
-python3 has jax with CUDA but not all of dsjax's dependencies, so only ``dsjax/config.py`` and ``dsjax/ops/fp8.py``
-are loaded when ``import dsjax`` fails):
+python3 has jax with CUDA but not all of dsjax's dependencies, so only ``dsjax/config.py`` and the
+``dsjax/ops/fp8*.py`` modules are loaded when ``import dsjax`` fails):
 
     PYTHONUNBUFFERED=1 python3 scripts/fp8_gpu_check.py --json --out $OUT/fp8_gpu_check.json
 
@@ -63,14 +63,14 @@ import jax.numpy as jnp
 
 try:
     from dsjax.config import Fp8Recipe
-    from dsjax.ops import fp8
+    from dsjax.ops import fp8, fp8_grouped
 except ImportError:  # dsjax/__init__ pulls in the framework (flax, grain, ...), maybe absent on a bare GPU image:
-    for _name in ("dsjax", "dsjax.ops"):  # load just config.py and ops/fp8.py, which need only jax and numpy
+    for _name in ("dsjax", "dsjax.ops"):  # load just config.py and the ops/fp8 modules, which need only jax and numpy
         _pkg = types.ModuleType(_name)
         _pkg.__path__ = [str(Path(__file__).resolve().parents[1].joinpath(*_name.split(".")))]
         sys.modules[_name] = _pkg
     from dsjax.config import Fp8Recipe
-    from dsjax.ops import fp8
+    from dsjax.ops import fp8, fp8_grouped
 
 E4M3 = jnp.float8_e4m3fn
 
@@ -406,8 +406,8 @@ def run_ragged(runner: Runner, s: int, k: int, n: int, e: int, blocked: Fp8Recip
     sizes = jnp.full((e,), s // e, jnp.int32)
     fns = {
         "bf16": lambda x, w, gs: jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.bfloat16),
-        "fp8_ragged_blocked": lambda x, w, gs: fp8.fp8_ragged_dot(x, w, gs, blocked),
-        "fp8_ragged_reference": lambda x, w, gs: fp8.fp8_ragged_dot(x, w, gs, reference),
+        "fp8_ragged_blocked": lambda x, w, gs: fp8_grouped.fp8_ragged_dot(x, w, gs, blocked),
+        "fp8_ragged_reference": lambda x, w, gs: fp8_grouped.fp8_ragged_dot(x, w, gs, reference),
     }
     fns = {name: (fn, (x, w, sizes)) for name, fn in fns.items()}
     out["variants"] = runner.run_variants("ragged", "ragged:", fns, flops)

@@ -154,7 +154,7 @@ def test_fp8_grouped_gemm_temporaries_are_bounded_on_tpu(v5p, monkeypatch):
     tiles bound XLA's fp32 temporaries. All at once they are ~5.5x what the chunks need here (at V3's expert
     shapes, 4.09 GiB against 1.02); budgets scaled down so that small shapes chunk."""
     from dsjax.config import Fp8Recipe
-    from dsjax.ops import fp8
+    from dsjax.ops import fp8_grouped
 
     mesh = Mesh(np.array(v5p.devices[:1]), ("x",))
     x = _abstract(mesh, (4096, 512), ())
@@ -163,14 +163,14 @@ def test_fp8_grouped_gemm_temporaries_are_bounded_on_tpu(v5p, monkeypatch):
 
     def temporaries():  # traced anew for each call (the budgets are read at trace time)
         def grads(x, w, sizes):
-            loss = lambda x, w: jnp.sum(fp8.fp8_ragged_dot(x, w, sizes, Fp8Recipe()).astype(jnp.float32))
+            loss = lambda x, w: jnp.sum(fp8_grouped.fp8_ragged_dot(x, w, sizes, Fp8Recipe()).astype(jnp.float32))
             return jax.grad(loss, argnums=(0, 1))(x, w)
 
         return jax.jit(grads).lower(x, w, sizes).compile().memory_analysis().temp_size_in_bytes
 
     whole = temporaries()
-    monkeypatch.setattr(fp8, "_ROW_CHUNK_BYTES", 1 << 20)
-    monkeypatch.setattr(fp8, "_WGRAD_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(fp8_grouped, "_ROW_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(fp8_grouped, "_WGRAD_CHUNK_BYTES", 1 << 20)
     chunked = temporaries()
     assert chunked < 0.3 * whole, (chunked, whole)
 
@@ -213,7 +213,7 @@ def test_fp8_grouped_pallas_kernels_compile_for_tpu_with_a_fraction_of_the_tempo
     none (1 MiB: the outputs are the step's own). Their stated flops are the GEMMs' 3 x 2MKN exactly, whatever
     the expert sizes (XLA's emulation: 2% more, its weight gradient's partial tiles)."""
     from dsjax.config import Fp8Recipe
-    from dsjax.ops import fp8
+    from dsjax.ops import fp8_grouped
 
     mesh = make_mesh(1, 4, v5p.devices)
     m, k, n, local = 8192, 1024, 512, 4  # per chip
@@ -224,7 +224,9 @@ def test_fp8_grouped_pallas_kernels_compile_for_tpu_with_a_fraction_of_the_tempo
 
     def compiled(backend):
         def local_step(x, w, g, sizes):
-            y, pullback = jax.vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, sizes, Fp8Recipe(backend=backend)), x, w)
+            y, pullback = jax.vjp(
+                lambda x, w: fp8_grouped.fp8_ragged_dot(x, w, sizes, Fp8Recipe(backend=backend)), x, w
+            )
             return y, pullback(g)
 
         specs = (P(*rows), P("expert", None, None), P(*rows), P("expert"))

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsjax.config import ConfigError, Fp8Recipe
-from dsjax.ops import fp8, fp8_grouped_pallas, fp8_pallas
+from dsjax.ops import fp8, fp8_grouped, fp8_grouped_pallas, fp8_pallas
 from dsjax.sharding import make_mesh
 
 HYP = settings(max_examples=10, deadline=None)
@@ -339,7 +339,7 @@ def test_fp8_ragged_dot(backend, pow2):
     w = activations(14, (len(GROUPS), k, n)) * 0.02
     g = np.random.default_rng(15).standard_normal((s_rows, n)).astype(np.float32)
     r = recipe(backend, pow2)
-    y, (dx, dw) = vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, jnp.asarray(GROUPS), r), (x, w), g)
+    y, (dx, dw) = vjp(lambda x, w: fp8_grouped.fp8_ragged_dot(x, w, jnp.asarray(GROUPS), r), (x, w), g)
     dx_ref, dw_ref = ref.ragged_grads(x, w, GROUPS, g, pow2)
     assert max_rel(y, ref.ragged_fwd(x, w, GROUPS, pow2)) < ORACLE_TOL
     assert max_rel(dx, dx_ref) < ORACLE_TOL
@@ -350,7 +350,9 @@ def test_fp8_ragged_dot(backend, pow2):
     assert BAND[0] < rel_fro(np.asarray(y)[:used], exact) < BAND[1]
     # pre-quantised experts: same forward, input gradient only
     wq, sw = ref.quantize_blocks(w, pow2)
-    yq, (dxq,) = vjp(lambda x: fp8.fp8_ragged_dot(x, jnp.asarray(wq), jnp.asarray(GROUPS), r, jnp.asarray(sw)), (x,), g)
+    yq, (dxq,) = vjp(
+        lambda x: fp8_grouped.fp8_ragged_dot(x, jnp.asarray(wq), jnp.asarray(GROUPS), r, jnp.asarray(sw)), (x,), g
+    )
     assert max_rel(yq, ref.ragged_fwd(x, None, GROUPS, pow2, w_q=(wq, sw))) < ORACLE_TOL
     assert max_rel(dxq, dx_ref) < ORACLE_TOL
 
@@ -366,15 +368,15 @@ def test_experts_quantised_ahead_keep_the_weight_gradient(backend):
     sizes = jnp.asarray(GROUPS)
 
     def ahead(x, w, dtype=jnp.float32):
-        values, scales = fp8.quantize_experts(w, r, dtype)
-        return fp8.fp8_ragged_dot(x, values, sizes, r, w_scale=scales)
+        values, scales = fp8_grouped.quantize_experts(w, r, dtype)
+        return fp8_grouped.fp8_ragged_dot(x, values, sizes, r, w_scale=scales)
 
     grads = lambda f: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w))), (0, 1)))(x, w)
-    assert_close(grads(ahead), grads(lambda x, w: fp8.fp8_ragged_dot(x, w, sizes, r)), tol=1e-6)
-    values, scales = fp8.quantize_experts(w, r, jnp.bfloat16)
+    assert_close(grads(ahead), grads(lambda x, w: fp8_grouped.fp8_ragged_dot(x, w, sizes, r)), tol=1e-6)
+    values, scales = fp8_grouped.quantize_experts(w, r, jnp.bfloat16)
     assert values.dtype == jnp.bfloat16 and scales.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(values.astype(fp8.E4M3).astype(jnp.bfloat16)), np.asarray(values))
-    _, pullback = jax.vjp(lambda v: fp8.fp8_ragged_dot(x, v, sizes, r, w_scale=scales), values)
+    _, pullback = jax.vjp(lambda v: fp8_grouped.fp8_ragged_dot(x, v, sizes, r, w_scale=scales), values)
     assert pullback(jnp.ones((300, 136)))[0].dtype == jnp.bfloat16
     dw = jax.grad(lambda w: jnp.sum(ahead(x, w, jnp.bfloat16)))(w)
     assert dw.dtype == w.dtype and np.asarray(dw)[2].any()
@@ -444,7 +446,7 @@ def test_pallas_grouped_sum_of_products_in_one_pass():
     # the pair against two separate GEMMs (values, input and weight gradients)
     x = jnp.asarray(activations(13, (300, 200)))
     w_gate, w_up = (jnp.asarray(activations(s, (len(groups), 200, 136)) * 0.02) for s in (64, 65))
-    gmm = fp8.grouped_matmul(recipe("pallas"))
+    gmm = fp8_grouped.grouped_matmul(recipe("pallas"))
 
     def loss(pair):
         def f(x, w_gate, w_up):
@@ -464,7 +466,7 @@ def test_grouped_kernels_run_where_the_rows_are_the_devices_own():
     w = jnp.asarray(activations(14, (len(GROUPS), 200, 136)) * 0.02)
 
     def run(backend):
-        loss = lambda x, w: jnp.sum(jnp.tanh(fp8.fp8_ragged_dot(x, w, jnp.asarray(GROUPS), recipe(backend))))
+        loss = lambda x, w: jnp.sum(jnp.tanh(fp8_grouped.fp8_ragged_dot(x, w, jnp.asarray(GROUPS), recipe(backend))))
         fn = jax.value_and_grad(loss, (0, 1))
         return fn(x, w), str(jax.make_jaxpr(fn)(x, w))
 
@@ -488,12 +490,12 @@ def test_fp8_ragged_dot_row_chunks_are_bitwise_equal(monkeypatch, groups):
     r, sizes = recipe(), jnp.asarray(groups)
 
     def run(x, w):  # traced anew for each call below (the chunk size is read at trace time)
-        y, pullback = jax.vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, sizes, r), x, w)
+        y, pullback = jax.vjp(lambda x, w: fp8_grouped.fp8_ragged_dot(x, w, sizes, r), x, w)
         return (y, *pullback(g))
 
     whole = jax.jit(run)(x, w)
-    monkeypatch.setattr(fp8, "_ROW_CHUNK_BYTES", 4 * 136 * 128)  # 128-row chunks: 3 of them, 84 rows padded
-    assert fp8._row_chunk(300, 200, 128) == 128 and 4 * w.size > fp8._ROW_CHUNK_BYTES
+    monkeypatch.setattr(fp8_grouped, "_ROW_CHUNK_BYTES", 4 * 136 * 128)  # 128-row chunks: 3 of them, 84 rows padded
+    assert fp8_grouped._row_chunk(300, 200, 128) == 128 and 4 * w.size > fp8_grouped._ROW_CHUNK_BYTES
     chunked = jax.jit(lambda x, w: run(x, w))(x, w)
     for a, b in zip(whole, chunked):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -7,7 +7,8 @@ from flax import nnx
 from dsjax.config import Fp8Recipe, ModelConfig, Numerics
 from dsjax.layers.common import MLP, RoutingBias, float_weight, param, projection, weight_and_scale
 from dsjax.ops.ep import moe_expert_parallel
-from dsjax.ops.fp8 import blocked_matmul, grouped_matmul, uses_pallas
+from dsjax.ops.fp8 import uses_pallas
+from dsjax.ops.fp8_grouped import blocked_matmul, grouped_matmul
 from dsjax.ops.gpu_gmm import gpu_gmm, gpu_gmm_supported
 from dsjax.ops.moe import megablox_gmm, moe_blocked, moe_dense, moe_ragged
 from dsjax.ops.routing import Routing, route

@@ -1,7 +1,7 @@
 """The routed experts' grouped FP8 GEMMs as Pallas TPU kernels (``Fp8Recipe(backend="pallas")``, ``"auto"`` on
 TPU): :mod:`dsjax.ops.fp8_pallas`'s tiles and numerics over a batch of rows sorted by expert.
 
-In XLA the grouped GEMMs of :func:`dsjax.ops.fp8.fp8_ragged_dot` keep fp32 copies of their operands and
+In XLA the grouped GEMMs of :func:`dsjax.ops.fp8_grouped.fp8_ragged_dot` keep fp32 copies of their operands and
 results per chunk of rows, and the weight gradient's re-tiling gathers and converts each chunk's rows: on a
 scanned V3 layer step (v5p, 4 x 4096 tokens per chip) ~5 GiB of temporaries more than the bf16 step's megablox
 kernels. Here every tile is quantised and multiplied in VMEM. The schedule is megablox's (JAX's bf16 grouped
@@ -14,10 +14,10 @@ expert's weight blocks, a tile's visits consecutive.
   output tile.
 * :func:`grouped_weight_grad`: ``dw[e] = x_e^T . g_e`` with both operands re-tiled ``128 x 1`` along the
   tokens in the kernel. A token tile is one aligned 128-row tile of the batch restricted to one expert's rows
-  (``dsjax.ops.fp8._expert_tiles``: the same tiles in the XLA backends and the tests' NumPy oracle).
+  (``dsjax.ops.fp8_grouped._expert_tiles``: the same tiles in the XLA backends and the tests' NumPy oracle).
   Every expert is visited, so an expert without tokens gets zeros.
 
-The kernels take the rows of one device (``fp8.py`` calls them where no mesh axis is left to split:
+The kernels take the rows of one device (``fp8_grouped.py`` calls them where no mesh axis is left to split:
 unpartitioned, or inside expert parallelism's ``shard_map``); rows past ``sum(group_sizes)`` give zeros.
 """
 

@@ -1,0 +1,473 @@
+"""The experts' grouped FP8 GEMM (DeepSeek-V3's recipe, as :mod:`dsjax.ops.fp8`'s dense one), stateless and
+differentiable: ``fp8_ragged_dot`` -- rows sorted by expert, ``w [E, K, N]`` with BxB blocks per expert -- and the
+``gmm`` / ``bmm`` factories the MoE dispatches take (:class:`GroupedMatmul`, :func:`blocked_matmul`).
+
+The weight gradient tiles the tokens ``B x 1`` in the batch's aligned ``B``-row tiles split at expert boundaries
+(:func:`_expert_tiles`), so a tile never mixes two experts' tokens. Backends as in :mod:`dsjax.ops.fp8`;
+``pallas`` runs :mod:`dsjax.ops.fp8_grouped_pallas`'s kernels where the rows are the device's own (inside expert
+parallelism, or unpartitioned) and ``blocked`` elsewhere. Expert weights may be float (quantised here), E4M3
+with their scales (no weight gradient), or E4M3 values held in a float dtype (:func:`quantize_experts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.config import Fp8Recipe
+from dsjax.ops import fp8_grouped_pallas, fp8_pallas
+from dsjax.ops.fp8 import (
+    _HIGHEST,
+    E4M3,
+    _cast,
+    _cdiv,
+    _dequantize_cols,
+    _dgrad_dtype,
+    _grad_recipe,
+    _kernel_tiles,
+    _pad_axis,
+    _reduce,
+    _reductions,
+    dequantize_rows,
+    fp8_matmul,
+    quantize_blocks,
+    quantize_rows,
+    tile_scale,
+    uses_pallas,
+)
+from dsjax.sharding import free_axes
+
+
+def _grouped_kernels(recipe: Fp8Recipe) -> bool:
+    """Whether the grouped GEMMs run :mod:`dsjax.ops.fp8_grouped_pallas`'s kernels: as the dense ones, where
+    the rows are this device's own (no mesh axis left to split: unpartitioned, or inside expert parallelism's
+    ``shard_map``). A grouped kernel cannot be split by rows like the dense ones (the groups are the batch's);
+    elsewhere the grouped GEMMs stay ``blocked`` (same tiles, same values)."""
+    return uses_pallas(recipe) and not free_axes()
+
+
+def _row_experts(group_sizes, rows: int):
+    """Expert of every row of an expert-sorted batch; ``E`` for rows past the last group."""
+    return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows), side="right")
+
+
+_ROW_CHUNK_BYTES = 1 << 30  # fp32 [rows, width] temporaries of one chunk of rows of a grouped GEMM
+
+
+def _row_chunk(s_rows: int, width: int, b: int) -> int:
+    """Rows per chunk for a grouped GEMM whose widest operand or result has ``width`` columns: a multiple of
+    ``b`` of about ``_ROW_CHUNK_BYTES`` of fp32 (all the rows when they fit)."""
+    rows = max(b, _ROW_CHUNK_BYTES // (4 * width) // b * b)
+    if rows >= s_rows:
+        return s_rows
+    # chunks of equal size, so that S rows split without padding when they can (a padded copy of x otherwise)
+    return _cdiv(_cdiv(s_rows, _cdiv(s_rows, rows)), b) * b
+
+
+def _chunk_groups(group_sizes, start, rows: int):
+    """The group sizes of rows ``[start, start + rows)`` of an expert-sorted batch."""
+    ends = jnp.cumsum(group_sizes)
+    return (jnp.clip(ends, start, start + rows) - jnp.clip(ends - group_sizes, start, start + rows)).astype(
+        group_sizes.dtype
+    )
+
+
+def _over_row_chunks(fn, row_args, group_sizes, chunk: int):
+    """``fn(*row_args, group_sizes)`` a chunk of consecutive rows at a time (a scan), outputs concatenated along
+    rows. Quantisation and the grouped GEMMs keep fp32 copies of their operands and results: on all the rows at
+    once, one V3 expert GEMM's forward and backward (131,072 rows, 4 x 4096 tokens x top-8, 16 experts, v5p) took
+    19.2 GiB of temporaries, 3.3 GiB in chunks (the bf16 megablox kernel: 0.5 GiB)."""
+    s_rows = row_args[0].shape[0]
+    if chunk >= s_rows:
+        return fn(*row_args, group_sizes)
+    n = _cdiv(s_rows, chunk)
+    stacked = [_pad_axis(a, 0, n * chunk).reshape(n, chunk, *a.shape[1:]) for a in row_args]
+
+    def body(_, inputs):
+        i, *chunk_args = inputs
+        return None, fn(*chunk_args, _chunk_groups(group_sizes, i * chunk, chunk))
+
+    _, ys = jax.lax.scan(body, None, (jnp.arange(n), *stacked))
+    return jax.tree.map(lambda y: y.reshape(n * chunk, *y.shape[2:])[:s_rows], ys)
+
+
+def _expert_column_scales(sw, n: int, block: int):
+    """Expert block scales ``[E, K/B, N/B]`` as one scale per column per ``B`` rows, ``[E, K/B, N]``."""
+    return jnp.repeat(sw, block, axis=2)[:, :, :n]
+
+
+def _ragged_gemm(xq, sx, wq, sw, group_sizes, *, col_block: int, recipe: Fp8Recipe):
+    """Grouped ``x_rows . w[expert(row)]`` in fp32: ``xq [S, K]`` 1xB tiles, ``wq [E, K, N]`` with
+    ``sw [E, K/B, N/col_block]``. Rows past ``sum(group_sizes)`` give zeros (as ``ragged_dot``)."""
+    b = recipe.block
+    s_rows, k = xq.shape
+    e, _, n = wq.shape
+    kb, ns = sw.shape[1:]
+    if recipe.backend == "reference":
+        x = dequantize_rows(xq, sx, b)
+        w = jax.vmap(lambda q, s: _dequantize_cols(q, s, b, col_block))(wq, sw)[:, :k, :n]
+        return jax.lax.ragged_dot(x, w, group_sizes, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    row_expert = _row_experts(group_sizes, s_rows)
+    experts = jnp.minimum(row_expert, e - 1)
+    # Rows past the last group give 0 (as ragged_dot), even if their scale is inf (0 * inf would be NaN).
+    sx = jnp.where((row_expert < e)[:, None], sx, 0.0)
+    xp = _pad_axis(xq, 1, kb * b)
+    wp = _pad_axis(_pad_axis(wq, 1, kb * b), 2, ns * col_block)
+
+    def part(i):  # the i-th B-long slice of the contraction, scaled; sliced in place (no transposed copies)
+        xs = jax.lax.dynamic_slice_in_dim(xp, i * b, b, axis=1)  # [S, B]
+        ws = jax.lax.dynamic_slice_in_dim(wp, i * b, b, axis=1)  # [E, B, N']
+        sxs = jax.lax.dynamic_index_in_dim(sx, i, axis=1, keepdims=False)  # [S]
+        sws = jax.lax.dynamic_index_in_dim(sw, i, axis=1, keepdims=False)[experts]  # [S, N / col_block]
+        prod = jax.lax.ragged_dot(xs, ws, group_sizes, preferred_element_type=jnp.float32)
+        return prod * sxs[:, None] * jnp.repeat(sws, col_block, axis=1)
+
+    # The first slice starts the sum (a zeros carry would lack the shard_map "varying" type of the others).
+    acc = part(0)
+    if kb > 1:
+        acc = jax.lax.fori_loop(1, kb, lambda i, acc: acc + part(i), acc)
+    return acc[:, :n]
+
+
+_WGRAD_CHUNK_BYTES = 256 << 20  # fp32 partial products of the blocked grouped weight gradient alive at once
+
+
+def _expert_tiles(group_sizes, s_rows: int, b: int):
+    """The weight gradient's token tiles of an expert-sorted batch: the batch's ``b``-row tiles (rows ``t*b ..
+    t*b + b - 1``) split where an expert's rows start or end, so a tile never mixes two experts' tokens and a
+    kernel walking the batch in aligned tiles meets the same ones (when every expert's rows start at a multiple
+    of ``b``, as in DeepSeek's grouped kernels' contiguous layout, these are simply each expert's ``b``-row
+    tiles). Returns ``rows [T, b]`` (the source row of every tile slot, 0 where empty), ``valid [T, b]``,
+    ``tile_expert [T]`` and ``tiles_per_expert [E]``, with ``T = ceil(S / b) + E`` (a static bound on the
+    number of (tile, expert) overlaps, ``ceil(S / b) + E - 1``)."""
+    e = group_sizes.shape[0]
+    num_tiles = -(-s_rows // b) + e
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    tiles_per = jnp.where(group_sizes > 0, (ends - 1) // b - starts // b + 1, 0)
+    tile_ends = jnp.cumsum(tiles_per)
+    t = jnp.arange(num_tiles)
+    tile_expert = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right"), e - 1)
+    tile = starts[tile_expert] // b + t - (tile_ends - tiles_per)[tile_expert]
+    rows = tile[:, None] * b + jnp.arange(b)[None, :]
+    valid = (rows >= starts[tile_expert][:, None]) & (rows < ends[tile_expert][:, None])
+    valid = valid & (t < tile_ends[-1])[:, None]
+    return jnp.where(valid, rows, 0), valid, tile_expert, tiles_per
+
+
+def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float32):
+    """``dw[e] = x_e^T . g_e`` with x and g re-tiled ``B x 1`` along the tokens in :func:`_expert_tiles`'
+    tiles (a tile never mixes two experts' tokens). Returns ``[E, K, N]`` fp32. The blocked backend forms one fp32
+    ``[K, N]`` partial product per tile (``S/B + E`` tiles), ``_WGRAD_CHUNK_BYTES`` of them at a time."""
+    if _grouped_kernels(recipe):
+        x_tiles, g_tiles = _kernel_tiles(recipe), _kernel_tiles(_grad_recipe(recipe))
+        return fp8_grouped_pallas.grouped_weight_grad(
+            xq, sx, g, group_sizes, x_tiles=x_tiles, g_tiles=g_tiles, out_dtype=out_dtype
+        )
+    b = recipe.block
+    s_rows, k = xq.shape
+    e = group_sizes.shape[0]
+    n = g.shape[1]
+    rows, valid, tile_expert, tiles_per = _expert_tiles(group_sizes, s_rows, b)
+    num_tiles = rows.shape[0]
+
+    def tile_quantize(v, valid, tile_recipe):  # v [T, B, C] fp32 -> q [T, B, C], s [T, C]
+        v = jnp.where(valid[..., None], v, 0.0)
+        s = tile_scale(jnp.max(jnp.abs(v), axis=1), tile_recipe)
+        return _cast(v, s[:, None, :]), s
+
+    def retiled(rows, valid):  # the rows gathered as they are (fp8 x with its scales, g in its dtype), re-tiled
+        x_tiles, sxt = tile_quantize(dequantize_rows(xq[rows], sx[rows], b), valid, recipe)
+        g_tiles, sgt = tile_quantize(g[rows].astype(jnp.float32), valid, _grad_recipe(recipe))
+        return x_tiles, sxt, g_tiles, sgt
+
+    if recipe.backend == "reference":
+        x_tiles, sxt, g_tiles, sgt = retiled(rows, valid)
+        x = (x_tiles.astype(jnp.float32) * sxt[:, None, :]).reshape(-1, k)
+        gd = (g_tiles.astype(jnp.float32) * sgt[:, None, :]).reshape(-1, n)
+        sizes = tiles_per * b  # the tiles are in expert order, b slots each
+        _, pullback = jax.vjp(
+            lambda w: jax.lax.ragged_dot(x, w, sizes, precision=_HIGHEST), jnp.zeros((e, k, n), jnp.float32)
+        )
+        return pullback(gd)[0]
+    # Per-tile fp8 x fp8 -> fp32 products, scaled and added into their expert's gradient a chunk of tiles at a
+    # time: all [tiles, K, N] partial products at once would be ~5.6 GB for 8192 rows of a 7168 x 2048 expert.
+    # Each chunk re-tiles its own rows, so the fp32 values exist per chunk ([chunk, B, K + N], within the same
+    # budget), never as [S, K] / [S, N] buffers.
+    chunk = max(1, min(num_tiles, _WGRAD_CHUNK_BYTES // (4 * k * n), _WGRAD_CHUNK_BYTES // (4 * b * (k + n))))
+    chunks = -(-num_tiles // chunk)
+    pad = chunks * chunk - num_tiles
+
+    def padded(a, value=0):
+        a = jnp.concatenate([a, jnp.full((pad, *a.shape[1:]), value, a.dtype)]) if pad else a
+        return a.reshape(chunks, chunk, *a.shape[1:])
+
+    # padding tiles are empty and go to expert e: dropped by the scatter
+    tiles = (padded(rows), padded(valid, False), padded(tile_expert, e))
+
+    def add_chunk(acc, tiles_c):
+        rows_c, valid_c, ec = tiles_c
+        xc, sxc, gc, sgc = retiled(rows_c, valid_c)
+        part = jax.lax.dot_general(xc, gc, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+        return acc.at[ec].add(part * sxc[:, :, None] * sgc[:, None, :], mode="drop"), None
+
+    # The first chunk starts the sum: under shard_map a zeros carry would lack the "varying" type of the others.
+    acc, _ = add_chunk(jnp.zeros((e, k, n), jnp.float32), jax.tree.map(lambda a: a[0], tiles))
+    if chunks > 1:
+        acc, _ = jax.lax.scan(add_chunk, acc, jax.tree.map(lambda a: a[1:], tiles))
+    return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _grouped(recipe, axes, x, w, group_sizes):
+    return _grouped_fwd(recipe, axes, x, w, group_sizes)[0]
+
+
+def _quantize_experts(w, recipe: Fp8Recipe):
+    """:func:`quantize_blocks` of ``w [E, K, N]`` one expert at a time (the same values; the fp32 copies it
+    makes are one expert's, not all of them: 4.5x the bf16 weights on v5p when done at once)."""
+    if 4 * w.size <= _ROW_CHUNK_BYTES:
+        return quantize_blocks(w, recipe)
+    return jax.lax.map(lambda we: quantize_blocks(we, recipe), w)
+
+
+def _grouped_forward(x, wq, sw, group_sizes, recipe: Fp8Recipe):
+    """``(y in x.dtype, xq, sx)``: x quantised and multiplied a chunk of rows at a time (in one pass by the
+    kernels, which keep no fp32 copies)."""
+    if _grouped_kernels(recipe):
+        xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))
+        sw_cols = _expert_column_scales(sw, wq.shape[2], recipe.block)
+        return fp8_grouped_pallas.grouped_matmul(xq, sx, wq, sw_cols, group_sizes, out_dtype=x.dtype), xq, sx
+
+    wq = wq.astype(E4M3)  # E4M3 values in a float carrier (quantize_experts): exact
+
+    def rows(xc, gs):
+        xq, sx = quantize_rows(xc, recipe)
+        y = _ragged_gemm(xq, sx, wq, sw, gs, col_block=recipe.block, recipe=recipe).astype(x.dtype)
+        return y, xq, sx
+
+    width = max(x.shape[1], wq.shape[2])
+    return _over_row_chunks(rows, (x,), group_sizes, _row_chunk(x.shape[0], width, recipe.block))
+
+
+def _grouped_fwd(recipe, axes, x, w, group_sizes):
+    wq, sw = _quantize_experts(w, recipe)
+    y, xq, sx = _grouped_forward(x, wq, sw, group_sizes, recipe)
+    return y, (xq, sx, wq, sw, group_sizes, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes, dtype):
+    """``dx = g . w^T`` per expert, a chunk of rows at a time, summed over ``axes``; in ``dtype``."""
+    chunk_dtype = jnp.float32 if axes else dtype  # fp32 until summed over the reduction axes, if any
+    if _grouped_kernels(recipe):  # g's tiles quantised in the kernel, w^T read in place
+        sw_cols = _expert_column_scales(sw.transpose(0, 2, 1), wq.shape[1], recipe.block)
+        tiles = _kernel_tiles(_grad_recipe(recipe))
+        dx = fp8_grouped_pallas.grouped_matmul(
+            g, None, wq, sw_cols, group_sizes, out_dtype=chunk_dtype, tiles=tiles, transpose_b=True
+        )
+        return _reduce(dx, axes, dtype)
+    wt, swt = wq.astype(E4M3).transpose(0, 2, 1), sw.transpose(0, 2, 1)
+
+    def rows(gc, gs):
+        gq, sg = quantize_rows(gc, _grad_recipe(recipe))
+        return _ragged_gemm(gq, sg, wt, swt, gs, col_block=recipe.block, recipe=recipe).astype(chunk_dtype)
+
+    width = max(g.shape[1], wq.shape[1])
+    return _reduce(_over_row_chunks(rows, (g,), group_sizes, _row_chunk(g.shape[0], width, recipe.block)), axes, dtype)
+
+
+def _int_zero(group_sizes):
+    return np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+def _grouped_bwd(recipe, axes, res, g):
+    xq, sx, wq, sw, group_sizes, x_dtype, w_dtype = res
+    dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
+    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe)
+    return dx, _reduce(dw, axes[1], w_dtype.dtype), _int_zero(group_sizes)
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _grouped_q(recipe, axes, x, wq, sw, group_sizes):
+    return _grouped_q_fwd(recipe, axes, x, wq, sw, group_sizes)[0]
+
+
+def _grouped_q_fwd(recipe, axes, x, wq, sw, group_sizes):
+    y, _, _ = _grouped_forward(x, wq, sw, group_sizes, recipe)
+    return y, (wq, sw, group_sizes, jnp.zeros((), x.dtype))
+
+
+def _grouped_q_bwd(recipe, axes, res, g):
+    wq, sw, group_sizes, x_dtype = res
+    dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
+    return dx, jnp.zeros_like(wq), jnp.zeros_like(sw), _int_zero(group_sizes)
+
+
+_grouped_q.defvjp(_grouped_q_fwd, _grouped_q_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def quantize_experts(w, recipe: Fp8Recipe, dtype):
+    """Expert weights ``w [E, K, N]`` quantised in ``B x B`` blocks ahead of the grouped GEMMs: ``(values [E,
+    K, N] in dtype, scales [E, K/B, N/B])``, the values E4M3 numbers held exactly in ``dtype`` (bf16 / fp32).
+
+    Differentiable straight through: :func:`fp8_ragged_dot` (and :meth:`GroupedMatmul.pair`) given such values
+    return, as their gradient, the dequantised weight's ``x^T . g`` in ``dtype``, which passes to ``w``
+    unchanged (what they compute when they quantise a float ``w`` themselves). ``GroupedMatmul.pair`` holds
+    the experts this way in the compute dtype, so their gradients come back in it as the bf16 path's do.
+    (Quantising the FSDP shards this way before expert parallelism gathers them, so that the gather moves bf16
+    rather than fp32, compiled to larger temporaries on v5p: 21.13 / 23.20 GiB against 20.85 / 19.91.)"""
+    wq, sw = quantize_blocks(w, recipe)  # vectorised: a map over a sharded expert axis would gather it
+    return wq.astype(dtype), sw
+
+
+def _quantize_experts_fwd(w, recipe, dtype):
+    return quantize_experts(w, recipe, dtype), jnp.zeros((), w.dtype)
+
+
+def _quantize_experts_bwd(recipe, dtype, w_dtype, ct):
+    return (ct[0].astype(w_dtype.dtype),)
+
+
+quantize_experts.defvjp(_quantize_experts_fwd, _quantize_experts_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _grouped_c(recipe, axes, x, wc, sw, group_sizes):
+    return _grouped_c_fwd(recipe, axes, x, wc, sw, group_sizes)[0]
+
+
+def _grouped_c_fwd(recipe, axes, x, wc, sw, group_sizes):
+    y, xq, sx = _grouped_forward(x, wc, sw, group_sizes, recipe)
+    return y, (xq, sx, wc, sw, group_sizes, jnp.zeros((), x.dtype))
+
+
+def _grouped_c_bwd(recipe, axes, res, g):
+    xq, sx, wc, sw, group_sizes, x_dtype = res
+    dx = _grouped_dgrad(g, wc, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
+    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes[1] else wc.dtype)
+    return dx, _reduce(dw, axes[1], wc.dtype), jnp.zeros_like(sw), _int_zero(group_sizes)
+
+
+_grouped_c.defvjp(_grouped_c_fwd, _grouped_c_bwd)
+
+
+def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
+    """Grouped FP8 GEMM: ``x [S, K]`` rows sorted by expert, ``w [E, K, N]``, ``group_sizes [E]`` -> ``[S, N]``.
+
+    Same contract as ``jax.lax.ragged_dot``; ``w`` float (quantised here in BxB blocks per expert), or quantised
+    with ``w_scale [E, ceil(K/B), ceil(N/B)]``: E4M3 (no weight gradient), or E4M3 values in a float dtype
+    from :func:`quantize_experts` (their gradient: the dequantised weight's, in that dtype).
+    """
+    group_sizes = group_sizes.astype(jnp.int32)
+    axes = _reductions(x, w)
+    if w_scale is None:
+        return _grouped(recipe, axes, x, w, group_sizes)
+    if w.dtype == E4M3:
+        return _grouped_q(recipe, axes, x, w, w_scale, group_sizes)
+    return _grouped_c(recipe, axes, x, w, w_scale, group_sizes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gate_up(recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes):
+    return _gate_up_fwd(recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes)[0]
+
+
+def _gate_up_fwd(recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes):
+    xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))  # once for both projections (and both gradients)
+    outs = tuple(
+        fp8_grouped_pallas.grouped_matmul(
+            xq, sx, v, _expert_column_scales(sw, v.shape[2], recipe.block), group_sizes, out_dtype=x.dtype
+        )
+        for v, sw in ((v_gate, s_gate), (v_up, s_up))
+    )
+    return outs, (xq, sx, v_gate, s_gate, v_up, s_up, group_sizes, jnp.zeros((), x.dtype))
+
+
+def _gate_up_bwd(recipe, axes, res, cts):
+    xq, sx, v_gate, s_gate, v_up, s_up, group_sizes, x_dtype = res
+    b = recipe.block
+    terms = [
+        (g, None, v, _expert_column_scales(sw.transpose(0, 2, 1), v.shape[1], b))
+        for g, v, sw in zip(cts, (v_gate, v_up), (s_gate, s_up), strict=True)
+    ]
+    dx = fp8_grouped_pallas.grouped_matmul_sum(
+        terms,
+        group_sizes,
+        out_dtype=_dgrad_dtype(axes[0], x_dtype.dtype),
+        tiles=_kernel_tiles(_grad_recipe(recipe)),
+        transpose_b=True,
+    )
+
+    def weight_grad(g, v):
+        if v.dtype == E4M3:  # fp8-stored experts: no weight gradient
+            return jnp.zeros_like(v)
+        dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes[1] else v.dtype)
+        return _reduce(dw, axes[1], v.dtype)
+
+    dw_gate, dw_up = weight_grad(cts[0], v_gate), weight_grad(cts[1], v_up)
+    zeros = jnp.zeros_like
+    return _reduce(dx, axes[0], x_dtype.dtype), dw_gate, zeros(s_gate), dw_up, zeros(s_up), _int_zero(group_sizes)
+
+
+_gate_up.defvjp(_gate_up_fwd, _gate_up_bwd)
+
+
+class GroupedMatmul:
+    """The experts' grouped FP8 GEMMs for :func:`dsjax.ops.moe.moe_ragged` / expert parallelism.
+
+    ``gmm(x, w, group_sizes)`` is :func:`fp8_ragged_dot`; ``gmm.pair(x, w_gate, w_up, group_sizes)`` both SwiGLU
+    input projections of the same rows (:func:`dsjax.ops.moe.gate_and_up` uses it). ``w``: a float ``[E, K, N]``
+    or a ``(values [E, K, N], scales [E, K/B, N/B])`` pair (E4M3, or :func:`quantize_experts`' float-held
+    values). Where the grouped kernels run, the pair quantises ``x`` once for both and computes their input
+    gradient ``g_gate . w_gate^T + g_up . w_up^T`` in one kernel pass (one ``[rows, K]`` result, not two to
+    be added); elsewhere it is the two GEMMs."""
+
+    def __init__(self, recipe: Fp8Recipe):
+        self.recipe = recipe
+
+    def __call__(self, x, w, group_sizes):
+        if isinstance(w, tuple):
+            return fp8_ragged_dot(x, w[0], group_sizes, self.recipe, w_scale=w[1])
+        return fp8_ragged_dot(x, w, group_sizes, self.recipe)
+
+    def pair(self, x, w_gate, w_up, group_sizes):
+        if not _grouped_kernels(self.recipe):
+            return self(x, w_gate, group_sizes), self(x, w_up, group_sizes)
+        # Float weights quantised here and held in the compute dtype: their gradients come back in it, as the
+        # bf16 path's (megablox) do; compiled for v5p this step's temporaries were the smallest of the forms tried.
+        v_gate, s_gate = w_gate if isinstance(w_gate, tuple) else quantize_experts(w_gate, self.recipe, x.dtype)
+        v_up, s_up = w_up if isinstance(w_up, tuple) else quantize_experts(w_up, self.recipe, x.dtype)
+        axes = _reductions(x, v_gate)
+        return _gate_up(self.recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes.astype(jnp.int32))
+
+
+def grouped_matmul(recipe: Fp8Recipe) -> GroupedMatmul:
+    """The :class:`GroupedMatmul` ``gmm`` of ``recipe``."""
+    return GroupedMatmul(recipe)
+
+
+def blocked_matmul(recipe: Fp8Recipe):
+    """A ``bmm(x [n, b, K], w, block_expert [n])`` for :func:`dsjax.ops.moe.moe_blocked`: each block of rows
+    (one expert's) times its expert's weight as an FP8 GEMM. Weight blocks are quantised per expert (a gathered
+    copy quantises to the same values). The weight gradient's token tiles are the dispatch blocks (``b`` rows,
+    zero-padded; ``b`` < 128 when tokens per expert are few), so tiles stay within one expert but may be finer
+    than the grouped op's 128 rows. ``w``: float ``[E, K, N]`` or an ``(e4m3, scales)`` pair. Like the grouped
+    op it runs the ``blocked`` backend's XLA GEMMs where the recipe asks for the Pallas kernels (dense only)."""
+    if recipe.backend in ("pallas", "auto"):
+        recipe = dataclasses.replace(recipe, backend="blocked")
+
+    def bmm(x, w, block_expert):
+        if isinstance(w, tuple):
+            q, s = w
+            return jax.vmap(lambda xb, qb, sb: fp8_matmul(xb, qb, recipe, sb))(x, q[block_expert], s[block_expert])
+        return jax.vmap(lambda xb, wb: fp8_matmul(xb, wb, recipe))(x, w[block_expert])
+
+    return bmm
