@@ -323,6 +323,9 @@ def test_tiny_train_and_decode_compile_for_v5p(tiny_reports):
         assert report["chips"] == 4 and report["chip_hbm_gib"] == pytest.approx(95.74)
         assert 0 < report["hbm_per_chip_gib"] < 1
         assert report["memory"]["temporaries"] > 0 and report["compile_s"] > 0
+        # XLA's live peak counts the arguments and at most the whole allocation
+        mem = report["memory_bytes"]
+        assert mem["arguments"] <= mem["live_peak"] <= mem["arguments"] + mem["outputs"] + mem["temporaries"]
         assert report["flops_per_chip"] > 0 and report["model_flops_per_chip"] > 0
         assert 0.5 < report["flops_ratio"] < 10
         assert 0 < report["est_mfu"] <= 1
