@@ -300,14 +300,23 @@ def _grouped_q(recipe, axes, x, wq, sw, group_sizes):
 
 
 def _grouped_q_fwd(recipe, axes, x, wq, sw, group_sizes):
-    y, _, _ = _grouped_forward(x, wq, sw, group_sizes, recipe)
-    return y, (wq, sw, group_sizes, jnp.zeros((), x.dtype))
+    """Pre-quantised experts: E4M3 (no weight gradient, so nothing of ``x`` kept) or E4M3 values in a float
+    dtype (:func:`quantize_experts`: their gradient, the dequantised weight's, in that dtype)."""
+    y, xq, sx = _grouped_forward(x, wq, sw, group_sizes, recipe)
+    if wq.dtype == E4M3:
+        xq = sx = None
+    return y, (xq, sx, wq, sw, group_sizes, jnp.zeros((), x.dtype))
 
 
 def _grouped_q_bwd(recipe, axes, res, g):
-    wq, sw, group_sizes, x_dtype = res
+    xq, sx, wq, sw, group_sizes, x_dtype = res
     dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
-    return dx, jnp.zeros_like(wq), jnp.zeros_like(sw), _int_zero(group_sizes)
+    if xq is None:
+        dw = jnp.zeros_like(wq)
+    else:
+        dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes[1] else wq.dtype)
+        dw = _reduce(dw, axes[1], wq.dtype)
+    return dx, dw, jnp.zeros_like(sw), _int_zero(group_sizes)
 
 
 _grouped_q.defvjp(_grouped_q_fwd, _grouped_q_bwd)
@@ -339,26 +348,6 @@ def _quantize_experts_bwd(recipe, dtype, w_dtype, ct):
 quantize_experts.defvjp(_quantize_experts_fwd, _quantize_experts_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _grouped_c(recipe, axes, x, wc, sw, group_sizes):
-    return _grouped_c_fwd(recipe, axes, x, wc, sw, group_sizes)[0]
-
-
-def _grouped_c_fwd(recipe, axes, x, wc, sw, group_sizes):
-    y, xq, sx = _grouped_forward(x, wc, sw, group_sizes, recipe)
-    return y, (xq, sx, wc, sw, group_sizes, jnp.zeros((), x.dtype))
-
-
-def _grouped_c_bwd(recipe, axes, res, g):
-    xq, sx, wc, sw, group_sizes, x_dtype = res
-    dx = _grouped_dgrad(g, wc, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
-    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes[1] else wc.dtype)
-    return dx, _reduce(dw, axes[1], wc.dtype), jnp.zeros_like(sw), _int_zero(group_sizes)
-
-
-_grouped_c.defvjp(_grouped_c_fwd, _grouped_c_bwd)
-
-
 def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
     """Grouped FP8 GEMM: ``x [S, K]`` rows sorted by expert, ``w [E, K, N]``, ``group_sizes [E]`` -> ``[S, N]``.
 
@@ -370,9 +359,7 @@ def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
     axes = _reductions(x, w)
     if w_scale is None:
         return _grouped(recipe, axes, x, w, group_sizes)
-    if w.dtype == E4M3:
-        return _grouped_q(recipe, axes, x, w, w_scale, group_sizes)
-    return _grouped_c(recipe, axes, x, w, w_scale, group_sizes)
+    return _grouped_q(recipe, axes, x, w, w_scale, group_sizes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
