@@ -11,7 +11,8 @@ expert's weight blocks, a tile's visits consecutive.
 
 * :func:`grouped_matmul`: ``y[rows of e] = a[rows of e] . b[e]`` (``b[e]^T`` for the input gradient), ``a``
   E4M3 with its scales or float quantised in the kernel; each visit stores only its expert's rows of the
-  output tile.
+  output tile. :func:`grouped_matmul_sum`: several such products summed in one pass (the SwiGLU pair's input
+  gradient, one result instead of two to add).
 * :func:`grouped_weight_grad`: ``dw[e] = x_e^T . g_e`` with both operands re-tiled ``128 x 1`` along the
   tokens in the kernel. A token tile is one aligned 128-row tile of the batch restricted to one expert's rows
   (``dsjax.ops.fp8_grouped._expert_tiles``: the same tiles in the XLA backends and the tests' NumPy oracle).
