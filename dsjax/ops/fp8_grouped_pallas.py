@@ -46,6 +46,7 @@ from dsjax.ops.fp8_pallas import (
     _tile,
     block_product,
 )
+from dsjax.ops.moe import zero_rows_past_groups
 
 
 def _row_tile(m: int) -> int:
@@ -55,7 +56,7 @@ def _row_tile(m: int) -> int:
 
 def _metadata(group_sizes, mp: int, tm: int, *, visit_empty: bool):
     """megablox's visit schedule: ``(offsets [E + 1], expert [V], tile [V])`` and the visit count ``V``."""
-    (offsets, experts, tiles), visits = make_group_metadata(
+    return make_group_metadata(
         group_sizes=group_sizes.astype(jnp.int32),
         m=mp,
         tm=tm,
@@ -63,12 +64,6 @@ def _metadata(group_sizes, mp: int, tm: int, *, visit_empty: bool):
         num_nonzero_groups=group_sizes.shape[0],
         visit_empty_groups=visit_empty,
     )
-    return (offsets, experts, tiles), visits
-
-
-def _rows_used(y, group_sizes):
-    """Zeros for the rows past the last group (tiles no visit wrote)."""
-    return jnp.where((jnp.arange(y.shape[0]) < jnp.sum(group_sizes))[:, None], y, 0).astype(y.dtype)
 
 
 # ---- y = a . b[expert] ------------------------------------------------------------------------------------
@@ -189,7 +184,7 @@ def grouped_matmul_sum(terms, group_sizes, *, out_dtype=jnp.float32, tiles=None,
         interpret=_interpret(),
         name="dsjax_fp8_grouped_matmul",
     )(*meta, *args)
-    return _rows_used(y[:m, :n], group_sizes)
+    return zero_rows_past_groups(y[:m, :n], group_sizes)
 
 
 # ---- dw[e] = x_e^T . g_e, re-tiled along the tokens in the kernel -----------------------------------------

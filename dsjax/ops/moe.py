@@ -146,7 +146,14 @@ def megablox_gmm(x, w, group_sizes, *, interpret: bool = False):
         tiling=(tile_m, tile(k), tile(n)),
         interpret=interpret,
     )[:m]
-    return jnp.where((jnp.arange(m) < group_sizes.sum())[:, None], y, 0)
+    return zero_rows_past_groups(y, group_sizes)
+
+
+def zero_rows_past_groups(y, group_sizes):
+    """``y [rows, ...]`` with the rows past ``sum(group_sizes)`` zeroed: what ``ragged_dot`` gives there, and
+    what grouped kernels that never visit those rows leave uninitialised."""
+    used = jnp.arange(y.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(used.reshape(-1, *(1,) * (y.ndim - 1)), y, 0).astype(y.dtype)
 
 
 def gate_and_up(gmm, x, w_gate, w_up, group_sizes):
