@@ -20,8 +20,10 @@ would not divide a dimension evenly are dropped from it (last ones first), so on
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -184,3 +186,31 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
     return jax.tree.map(
         lambda v: v.replace(variable_sharding(v, mesh, rules)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
+
+
+# The rules table the weights were laid out with, declared by `use_mesh` while a step is traced.
+_WEIGHT_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("dsjax_weight_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[None]:
+    """``jax.set_mesh(mesh)`` that also declares ``rules``, the table the weights were placed with, to the code
+    traced inside it (:func:`weight_spec`). dsjax's train loop and compile harness trace their steps under it."""
+    token = _WEIGHT_RULES.set(rules)
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _WEIGHT_RULES.reset(token)
+
+
+def weight_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """Where a weight of logical axes ``names`` and ``shape`` lies under the active mesh and the rules declared
+    by :func:`use_mesh`; None when none were declared (or there is no mesh). For values derived from a weight
+    elementwise (FP8 experts quantised ahead): pinned to the weight's layout, they are computed on its shards
+    instead of wherever XLA's propagation puts them (for V3's experts on v5p, after gathering the fp32 weight)."""
+    rules = _WEIGHT_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return None
+    return logical_to_spec(names, rules, mesh, shape)

@@ -5,6 +5,7 @@ Needs libtpu (``jax[tpu]``, in the test extra). Compile-only TPU devices come fr
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +242,43 @@ def test_fp8_grouped_pallas_kernels_compile_for_tpu_with_a_fraction_of_the_tempo
     temp = lambda c: c.memory_analysis().temp_size_in_bytes
     assert temp(kernels) < 0.05 * temp(emulated), (temp(kernels), temp(emulated))
     assert analyse_hlo(text).matmul_flops == 3 * 2 * m * k * n
+
+
+def test_fp8_experts_are_quantised_on_their_shards_and_gathered_in_e4m3(v5p):
+    """Expert weights under FSDP (split over ``data`` by their width), quantised ahead of expert parallelism's
+    ``shard_map`` (which wants them whole along that width): traced under ``use_mesh`` with the rules they
+    were placed with, each chip quantises its own shard and XLA gathers E4M3 values. Left to itself XLA:TPU
+    gathers the fp32 weight and quantises the gathered copy (4x the bytes moved, an fp32 copy in memory)."""
+    from dsjax.config import Fp8Recipe
+    from dsjax.ops import fp8_grouped
+    from dsjax.sharding import use_mesh, weight_spec
+
+    mesh = make_mesh(2, 2, v5p.devices)
+    recipe = Fp8Recipe(backend="pallas")
+    rows = (("data", "expert"), None)
+    w = _abstract(mesh, (4, 512, 256), ("expert", "data", None), jnp.float32)
+    x = _abstract(mesh, (4096, 512), rows)
+    sizes = _abstract(mesh, (8,), (("data", "expert"),), jnp.int32)  # two local experts' group sizes per chip
+
+    def loss(w, x, sizes):
+        spec = weight_spec(("experts", "embed", "moe_mlp"), w.shape)
+        experts = fp8_grouped.fp8_experts(w, recipe, x.dtype, spec)
+        gmm = fp8_grouped.grouped_matmul(recipe)
+        y = jax.shard_map(
+            lambda x, experts, sizes: gmm(x, experts, sizes),
+            in_specs=(P(*rows), P("expert"), P(rows[0])),
+            out_specs=P(*rows),
+            check_vma=False,
+        )(x, experts, sizes)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    def gathered(rules):
+        with use_mesh(mesh, rules):
+            text = jax.jit(jax.grad(loss)).lower(w, x, sizes).compile().as_text()
+        return {g.split("[")[0] for g in re.findall(r"= (\S+\[2,512,256\]\S*) all-gather", text)}
+
+    assert gathered(FSDP_RULES) == {"f8e4m3fn"}
+    assert gathered(None) == {"f32"}  # no rules declared: the weight is gathered in fp32
 
 
 def test_optimizer_state_is_sharded_like_the_parameters():

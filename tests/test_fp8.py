@@ -359,27 +359,40 @@ def test_fp8_ragged_dot(backend, pow2):
 
 @pytest.mark.parametrize("backend", ["blocked", "pallas"])
 def test_experts_quantised_ahead_keep_the_weight_gradient(backend):
-    """``quantize_experts`` (how the gated pair holds the experts, in the compute dtype): its float-held E4M3
-    values give ``fp8_ragged_dot`` the float weight's outputs and gradients
-    (the weight's straight through); in bf16 the values are exact and the weight gradient comes back in bf16."""
+    """``fp8_experts`` (how the MoE layer hands float experts to the grouped GEMMs: E4M3 values, scales and a
+    gradient sink) gives ``fp8_ragged_dot`` and the gated pair the float weight's outputs and gradients; the
+    values are E4M3, the gradient reaches the weight in its own dtype through a sink of the compute dtype, and
+    the sink's value is never read (NaNs in it change nothing)."""
     r = recipe(backend)
     x = jnp.asarray(activations(13, (300, 200)))
     w = jnp.asarray(activations(14, (len(GROUPS), 200, 136)) * 0.02)
     sizes = jnp.asarray(GROUPS)
+    gmm = fp8_grouped.grouped_matmul(r)
 
     def ahead(x, w, dtype=jnp.float32):
-        values, scales = fp8_grouped.quantize_experts(w, r, dtype)
-        return fp8_grouped.fp8_ragged_dot(x, values, sizes, r, w_scale=scales)
+        return gmm(x, fp8_grouped.fp8_experts(w, r, dtype), sizes)
 
     grads = lambda f: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w))), (0, 1)))(x, w)
     assert_close(grads(ahead), grads(lambda x, w: fp8_grouped.fp8_ragged_dot(x, w, sizes, r)), tol=1e-6)
-    values, scales = fp8_grouped.quantize_experts(w, r, jnp.bfloat16)
-    assert values.dtype == jnp.bfloat16 and scales.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(values.astype(fp8.E4M3).astype(jnp.bfloat16)), np.asarray(values))
-    _, pullback = jax.vjp(lambda v: fp8_grouped.fp8_ragged_dot(x, v, sizes, r, w_scale=scales), values)
-    assert pullback(jnp.ones((300, 136)))[0].dtype == jnp.bfloat16
+    experts = fp8_grouped.fp8_experts(w, r, jnp.bfloat16)
+    assert experts.values.dtype == fp8.E4M3 and experts.scales.dtype == jnp.float32
+    assert experts.grad.dtype == jnp.bfloat16 and experts.grad.shape == w.shape
+    poisoned = experts._replace(grad=jnp.full_like(experts.grad, jnp.nan))
+    np.testing.assert_array_equal(np.asarray(gmm(x, poisoned, sizes)), np.asarray(gmm(x, experts, sizes)))
+    _, pullback = jax.vjp(lambda e: gmm(x, e, sizes), experts)
+    ct = pullback(jnp.ones((300, 136)))[0]
+    assert ct.grad.dtype == jnp.bfloat16 and not np.asarray(ct.values, np.float32).any()
     dw = jax.grad(lambda w: jnp.sum(ahead(x, w, jnp.bfloat16)))(w)
     assert dw.dtype == w.dtype and np.asarray(dw)[2].any()
+
+    def pair(x, w_gate, w_up, ahead):
+        quantised = (fp8_grouped.fp8_experts(w, r, x.dtype) for w in (w_gate, w_up)) if ahead else (w_gate, w_up)
+        gate, up = gmm.pair(x, *quantised, sizes)
+        return jnp.sum(jnp.tanh(gate) * up)
+
+    w_up = w * 0.5 + 0.01
+    loss = lambda ahead: jax.jit(jax.value_and_grad(pair, (0, 1, 2)), static_argnums=3)(x, w, w_up, ahead)
+    assert_close(loss(True), loss(False), tol=1e-6)
 
 
 @pytest.mark.parametrize(

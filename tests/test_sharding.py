@@ -17,6 +17,8 @@ from dsjax.sharding import (
     logical_to_spec,
     make_mesh,
     state_shardings,
+    use_mesh,
+    weight_spec,
 )
 
 
@@ -37,6 +39,24 @@ def test_rules_map_logical_axes_first_dimension_wins_and_uneven_axes_drop():
     )
     single = make_mesh(data=8, expert=1, devices=jax.devices())
     assert logical_to_spec(("batch",), DEFAULT_RULES, single) == P(("data", "expert"))
+
+
+def test_use_mesh_declares_the_weights_rules_while_it_lasts():
+    """``weight_spec``: the layout a weight has under the rules ``use_mesh`` declared (shape-aware, like the
+    placement), None when none were declared or there is no mesh; the declaration ends with the block."""
+    mesh = make_mesh(data=2, expert=4)
+    axes, shape = ("experts", "embed", "moe_mlp"), (8, 256, 64)
+    assert weight_spec(axes, shape) is None
+    with jax.set_mesh(mesh):
+        assert weight_spec(axes, shape) is None
+    with use_mesh(mesh, FSDP_RULES):
+        assert jax.sharding.get_abstract_mesh().shape == mesh.shape
+        assert weight_spec(axes, shape) == P("expert", "data", None)
+        assert weight_spec(axes, (8, 255, 64)) == P("expert", None, None)  # 255 does not split over data
+        with use_mesh(mesh, DEFAULT_RULES):
+            assert weight_spec(axes, shape) == P("expert", None, None)
+        assert weight_spec(axes, shape) == P("expert", "data", None)
+    assert weight_spec(axes, shape) is None and jax.sharding.get_abstract_mesh().empty
 
 
 @pytest.mark.parametrize("dispatch", ["ragged", "blocked", "ep"])

@@ -18,6 +18,7 @@ import jax
 from dsjax.aot.hlo import analyse_hlo, largest_buffers
 from dsjax.aot.steps import Program
 from dsjax.aot.targets import GIB, Target
+from dsjax.sharding import use_mesh
 
 
 def compile_report(
@@ -38,7 +39,7 @@ def compile_report(
     report = _header(name, target, mesh.size, mesh_sizes, model_flops=program.model_flops, tokens=program.tokens)
     start = time.perf_counter()
     try:
-        with jax.set_mesh(mesh):
+        with use_mesh(mesh, program.rules):
             lowered = program.fn.lower(*program.args)
             compiled = lowered.compile()
     except Exception as e:  # the compiler's verdict is the result: report it instead of a traceback

@@ -33,6 +33,7 @@ class Program(NamedTuple):
     args: tuple  # abstract arguments
     model_flops: float  # what the step must compute (all chips)
     tokens: int  # tokens processed per step (all chips)
+    rules: Rules | None = None  # the table the state was placed with (traced under dsjax.sharding.use_mesh)
 
 
 def _abstract(shape, dtype, mesh: Mesh, names, rules: Rules):
@@ -56,7 +57,7 @@ def _train_like(step, state, cfg: ModelConfig, mesh: Mesh, rules: Rules, batch: 
         jax.tree.map(lambda x: x.sharding, abstract_batch),
     )
     model_flops = flops.train_flops(cfg, batch, seq, mtp=cfg.num_nextn_predict_layers > 0)
-    return Program(fn, (state, abstract_batch), model_flops, batch * seq)
+    return Program(fn, (state, abstract_batch), model_flops, batch * seq, rules)
 
 
 def train_program(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, rules: Rules, *, batch: int, seq: int) -> Program:
@@ -121,7 +122,7 @@ def prefill_program(
     tokens = _abstract((batch, seq), jnp.int32, mesh, ("batch", None), rules)
     cache_shardings = jax.tree.map(lambda x: x.sharding, _abstract_cache(cfg, mesh, rules, batch, seq, dtype))
     fn = jax.jit(prefill, out_shardings=(None, cache_shardings))
-    return Program(fn, (state, tokens), flops.prefill_flops(cfg, batch, seq), batch * seq)
+    return Program(fn, (state, tokens), flops.prefill_flops(cfg, batch, seq), batch * seq, rules)
 
 
 def decode_program(
@@ -141,7 +142,7 @@ def decode_program(
 
     token = _abstract((batch, 1), jnp.int32, mesh, ("batch", None), rules)
     fn = jax.jit(decode, donate_argnums=1, out_shardings=(None, jax.tree.map(lambda x: x.sharding, cache)))
-    return Program(fn, (state, cache, token, token), flops.decode_flops(cfg, batch, context), batch)
+    return Program(fn, (state, cache, token, token), flops.decode_flops(cfg, batch, context), batch, rules)
 
 
 def grpo_program(
@@ -180,4 +181,4 @@ def grpo_program(
     )
     # The policy's forward and backward (no MTP loss in RL); the old / reference passes run outside this step.
     model_flops = flops.train_flops(cfg, batch, seq, mtp=False)
-    return Program(fn, (state, abstract_batch), model_flops, batch * seq)
+    return Program(fn, (state, abstract_batch), model_flops, batch * seq, rules)

@@ -8,15 +8,16 @@ from dsjax.config import Fp8Recipe, ModelConfig, Numerics
 from dsjax.layers.common import MLP, RoutingBias, float_weight, param, projection, weight_and_scale
 from dsjax.ops.ep import moe_expert_parallel
 from dsjax.ops.fp8 import uses_pallas
-from dsjax.ops.fp8_grouped import blocked_matmul, grouped_matmul
+from dsjax.ops.fp8_grouped import blocked_matmul, fp8_experts, grouped_matmul
 from dsjax.ops.gpu_gmm import gpu_gmm, gpu_gmm_supported
 from dsjax.ops.moe import megablox_gmm, moe_blocked, moe_dense, moe_ragged
 from dsjax.ops.routing import Routing, route
-from dsjax.sharding import active_platform, shard
+from dsjax.sharding import active_platform, shard, weight_spec
 
 # ragged: sort + grouped matmul on each device; dense: every expert on every token (reference);
 # blocked: block-padded batched matmul, the fast path on CPU; ep: expert parallelism, tokens exchanged by
 # all-to-all over the `expert` mesh axis inside shard_map.
+_UP_AXES, _DOWN_AXES = ("experts", "embed", "moe_mlp"), ("experts", "moe_mlp", "embed")
 _COMBINE = {"ragged": moe_ragged, "dense": moe_dense, "blocked": moe_blocked, "ep": moe_expert_parallel}
 DISPATCH_IMPLS = ("auto", *_COMBINE)
 
@@ -88,10 +89,9 @@ class MoE(nnx.Module):
         if cfg.has_routing_bias:
             self.routing_bias = RoutingBias(jnp.zeros((e,), jnp.float32), logical_axes=("experts",))
         make = dict(n_in=1, n_lead=1, fp8_weights=cfg.fp8_weights)
-        up_axes, down_axes = ("experts", "embed", "moe_mlp"), ("experts", "moe_mlp", "embed")
-        self.w_gate, self.w_gate_scale = projection(rngs, (e, d, f), up_axes, param_dtype, std, **make)
-        self.w_up, self.w_up_scale = projection(rngs, (e, d, f), up_axes, param_dtype, std, **make)
-        self.w_down, self.w_down_scale = projection(rngs, (e, f, d), down_axes, param_dtype, std, **make)
+        self.w_gate, self.w_gate_scale = projection(rngs, (e, d, f), _UP_AXES, param_dtype, std, **make)
+        self.w_up, self.w_up_scale = projection(rngs, (e, d, f), _UP_AXES, param_dtype, std, **make)
+        self.w_down, self.w_down_scale = projection(rngs, (e, f, d), _DOWN_AXES, param_dtype, std, **make)
         if cfg.n_shared_experts:
             self.shared = MLP(
                 d,
@@ -123,6 +123,12 @@ class MoE(nnx.Module):
                 kwargs["bmm"] = blocked_matmul(fp8)
             else:
                 kwargs["gmm"] = grouped_matmul(fp8)
+                # Quantised here, on their shards: expert parallelism then gathers E4M3 (1 byte a value, the
+                # bf16 path gathers 2), their gradients coming back in the compute dtype through `grad`.
+                weights = [
+                    (w, s) if s is not None else fp8_experts(w, fp8, x_md.dtype, weight_spec(axes, w.shape))
+                    for (w, s), axes in zip(experts, (_UP_AXES, _UP_AXES, _DOWN_AXES), strict=True)
+                ]
                 if dispatch == "ep" and uses_pallas(fp8):  # Pallas outputs carry no replication type
                     kwargs["check_vma"] = False
         else:

@@ -6,17 +6,20 @@ The weight gradient tiles the tokens ``B x 1`` in the batch's aligned ``B``-row 
 (:func:`_expert_tiles`), so a tile never mixes two experts' tokens. Backends as in :mod:`dsjax.ops.fp8`;
 ``pallas`` runs :mod:`dsjax.ops.fp8_grouped_pallas`'s kernels where the rows are the device's own (inside expert
 parallelism, or unpartitioned) and ``blocked`` elsewhere. Expert weights may be float (quantised here), E4M3
-with their scales (no weight gradient), or E4M3 values held in a float dtype (:func:`quantize_experts`).
+with their scales (no weight gradient), or quantised ahead with a gradient sink (:func:`fp8_experts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from dsjax.config import Fp8Recipe
 from dsjax.ops import fp8_grouped_pallas, fp8_pallas
@@ -243,8 +246,6 @@ def _grouped_forward(x, wq, sw, group_sizes, recipe: Fp8Recipe):
         sw_cols = _expert_column_scales(sw, wq.shape[2], recipe.block)
         return fp8_grouped_pallas.grouped_matmul(xq, sx, wq, sw_cols, group_sizes, out_dtype=x.dtype), xq, sx
 
-    wq = wq.astype(E4M3)  # E4M3 values in a float carrier (quantize_experts): exact
-
     def rows(xc, gs):
         xq, sx = quantize_rows(xc, recipe)
         y = _ragged_gemm(xq, sx, wq, sw, gs, col_block=recipe.block, recipe=recipe).astype(x.dtype)
@@ -295,95 +296,143 @@ _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _grouped_q(recipe, axes, x, wq, sw, group_sizes):
-    return _grouped_q_fwd(recipe, axes, x, wq, sw, group_sizes)[0]
+def _grouped_q(recipe, axes, x, wq, sw, sink, group_sizes):
+    return _grouped_q_fwd(recipe, axes, x, wq, sw, sink, group_sizes)[0]
 
 
-def _grouped_q_fwd(recipe, axes, x, wq, sw, group_sizes):
-    """Pre-quantised experts: E4M3 (no weight gradient, so nothing of ``x`` kept) or E4M3 values in a float
-    dtype (:func:`quantize_experts`: their gradient, the dequantised weight's, in that dtype)."""
+def _grouped_q_fwd(recipe, axes, x, wq, sw, sink, group_sizes):
+    """Pre-quantised experts: E4M3 with no weight gradient (nothing of ``x`` kept), or with a gradient ``sink``
+    (:class:`Fp8Experts`: the dequantised weight's gradient, in the sink's dtype)."""
     y, xq, sx = _grouped_forward(x, wq, sw, group_sizes, recipe)
-    if wq.dtype == E4M3:
+    if sink is None:
         xq = sx = None
-    return y, (xq, sx, wq, sw, group_sizes, jnp.zeros((), x.dtype))
+    return y, (xq, sx, wq, sw, _dtype_of(sink), group_sizes, jnp.zeros((), x.dtype))
+
+
+def _dtype_of(sink):
+    return None if sink is None else jnp.zeros((), sink.dtype)
+
+
+def _weight_grad(xq, sx, g, group_sizes, recipe, axes, sink_dtype):
+    """The gradient of an expert weight's sink (``None`` without one: fp8-stored experts get none)."""
+    if sink_dtype is None:
+        return None
+    dtype = sink_dtype.dtype
+    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes else dtype)
+    return _reduce(dw, axes, dtype)
 
 
 def _grouped_q_bwd(recipe, axes, res, g):
-    xq, sx, wq, sw, group_sizes, x_dtype = res
+    xq, sx, wq, sw, sink_dtype, group_sizes, x_dtype = res
     dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
-    if xq is None:
-        dw = jnp.zeros_like(wq)
-    else:
-        dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes[1] else wq.dtype)
-        dw = _reduce(dw, axes[1], wq.dtype)
-    return dx, dw, jnp.zeros_like(sw), _int_zero(group_sizes)
+    dw = _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], sink_dtype)
+    return dx, jnp.zeros_like(wq), jnp.zeros_like(sw), dw, _int_zero(group_sizes)
 
 
 _grouped_q.defvjp(_grouped_q_fwd, _grouped_q_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def quantize_experts(w, recipe: Fp8Recipe, dtype):
-    """Expert weights ``w [E, K, N]`` quantised in ``B x B`` blocks ahead of the grouped GEMMs: ``(values [E,
-    K, N] in dtype, scales [E, K/B, N/B])``, the values E4M3 numbers held exactly in ``dtype`` (bf16 / fp32).
+class Fp8Experts(NamedTuple):
+    """Expert weights quantised ahead of the grouped GEMMs (:func:`fp8_experts`): ``values [E, K, N]`` E4M3,
+    ``scales [E, K/B, N/B]`` fp32, and ``grad``, a zero ``[E, K, N]`` array in the compute dtype whose value
+    nothing reads: its cotangent is the weight's gradient (the GEMMs give it the dequantised weight's
+    ``x^T . g``), which :func:`fp8_experts` passes on to the float weight. All three split on their expert
+    axis, so expert parallelism's ``shard_map`` takes them as one weight (and gathers one byte per value)."""
 
-    Differentiable straight through: :func:`fp8_ragged_dot` (and :meth:`GroupedMatmul.pair`) given such values
-    return, as their gradient, the dequantised weight's ``x^T . g`` in ``dtype``, which passes to ``w``
-    unchanged (what they compute when they quantise a float ``w`` themselves). ``GroupedMatmul.pair`` holds
-    the experts this way in the compute dtype, so their gradients come back in it as the bf16 path's do.
-    (Quantising the FSDP shards this way before expert parallelism gathers them, so that the gather moves bf16
-    rather than fp32, compiled to larger temporaries on v5p: 21.13 / 23.20 GiB against 20.85 / 19.91.)"""
-    wq, sw = _quantize_experts(w, recipe)
-    return wq.astype(dtype), sw
+    values: jax.Array
+    scales: jax.Array
+    grad: jax.Array
 
 
-def _quantize_experts_fwd(w, recipe, dtype):
-    return quantize_experts(w, recipe, dtype), jnp.zeros((), w.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gradient_sink(w, dtype):
+    return jnp.zeros(w.shape, dtype)
 
 
-def _quantize_experts_bwd(recipe, dtype, w_dtype, ct):
-    return (ct[0].astype(w_dtype.dtype),)
+def _gradient_sink_fwd(w, dtype):
+    return _gradient_sink(w, dtype), jnp.zeros((), w.dtype)
 
 
-quantize_experts.defvjp(_quantize_experts_fwd, _quantize_experts_bwd)
+def _gradient_sink_bwd(dtype, w_dtype, ct):
+    return (ct.astype(w_dtype.dtype),)
+
+
+_gradient_sink.defvjp(_gradient_sink_fwd, _gradient_sink_bwd)
+
+
+def fp8_experts(w, recipe: Fp8Recipe, dtype, spec: PartitionSpec | None = None) -> Fp8Experts:
+    """Float expert weights ``w [E, K, N]`` quantised in ``B x B`` blocks for the grouped GEMMs: an
+    :class:`Fp8Experts`. Differentiable straight through: the GEMMs' weight gradient, in ``dtype`` (the compute
+    dtype, as the bf16 path's are), reaches ``w`` in its own dtype.
+
+    ``spec``: ``w``'s layout on the active mesh (:func:`dsjax.sharding.weight_spec`). The values and scales are
+    then pinned to it, so each device quantises its own shard (when the blocks do not straddle shards) and
+    expert parallelism gathers E4M3, half the bytes of bf16. Unpinned, XLA:TPU gathered V3's fp32 experts and
+    quantised the whole copy (README, FP8 at scale)."""
+    if not free_axes():  # local experts (unpartitioned, or inside shard_map), one at a time
+        values, scales = _quantize_experts(w, recipe)
+    else:
+        values, scales = quantize_blocks(w, recipe)
+        if spec is not None and _blocks_within_shards(w.shape, spec, recipe.block):
+            values = jax.lax.with_sharding_constraint(values, spec)
+            scales = jax.lax.with_sharding_constraint(scales, spec)
+    return Fp8Experts(jax.lax.stop_gradient(values), jax.lax.stop_gradient(scales), _gradient_sink(w, dtype))
+
+
+def _blocks_within_shards(shape, spec: PartitionSpec, block: int) -> bool:
+    """Whether every split dimension of ``[E, K, N]`` (past the experts) splits into whole ``block``s."""
+    mesh = jax.sharding.get_abstract_mesh()
+    for dim, axes in zip(shape[1:], tuple(spec)[1:], strict=False):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if dim % (block * math.prod(mesh.shape[a] for a in axes)):
+            return False
+    return True
 
 
 def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
     """Grouped FP8 GEMM: ``x [S, K]`` rows sorted by expert, ``w [E, K, N]``, ``group_sizes [E]`` -> ``[S, N]``.
 
-    Same contract as ``jax.lax.ragged_dot``; ``w`` float (quantised here in BxB blocks per expert), or quantised
-    with ``w_scale [E, ceil(K/B), ceil(N/B)]``: E4M3 (no weight gradient), or E4M3 values in a float dtype
-    from :func:`quantize_experts` (their gradient: the dequantised weight's, in that dtype).
+    Same contract as ``jax.lax.ragged_dot``; ``w`` float (quantised here in BxB blocks per expert), E4M3 with
+    ``w_scale [E, ceil(K/B), ceil(N/B)]`` (no weight gradient), or an :class:`Fp8Experts` (its ``grad`` gets
+    the weight gradient).
     """
     group_sizes = group_sizes.astype(jnp.int32)
+    if isinstance(w, Fp8Experts):
+        return _grouped_q(recipe, _reductions(x, w.values), x, w.values, w.scales, w.grad, group_sizes)
     axes = _reductions(x, w)
     if w_scale is None:
         return _grouped(recipe, axes, x, w, group_sizes)
-    return _grouped_q(recipe, axes, x, w, w_scale, group_sizes)
+    return _grouped_q(recipe, axes, x, w, w_scale, None, group_sizes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _gate_up(recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes):
-    return _gate_up_fwd(recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes)[0]
+def _gate_up(recipe, axes, x, gate: Fp8Experts, up: Fp8Experts, group_sizes):
+    return _gate_up_fwd(recipe, axes, x, gate, up, group_sizes)[0]
 
 
-def _gate_up_fwd(recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes):
+def _gate_up_fwd(recipe, axes, x, gate, up, group_sizes):
     xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))  # once for both projections (and both gradients)
     outs = tuple(
         fp8_grouped_pallas.grouped_matmul(
-            xq, sx, v, _expert_column_scales(sw, v.shape[2], recipe.block), group_sizes, out_dtype=x.dtype
+            xq,
+            sx,
+            w.values,
+            _expert_column_scales(w.scales, w.values.shape[2], recipe.block),
+            group_sizes,
+            out_dtype=x.dtype,
         )
-        for v, sw in ((v_gate, s_gate), (v_up, s_up))
+        for w in (gate, up)
     )
-    return outs, (xq, sx, v_gate, s_gate, v_up, s_up, group_sizes, jnp.zeros((), x.dtype))
+    held = tuple((w.values, w.scales, _dtype_of(w.grad)) for w in (gate, up))
+    return outs, (xq, sx, held, group_sizes, jnp.zeros((), x.dtype))
 
 
 def _gate_up_bwd(recipe, axes, res, cts):
-    xq, sx, v_gate, s_gate, v_up, s_up, group_sizes, x_dtype = res
+    xq, sx, held, group_sizes, x_dtype = res
     b = recipe.block
     terms = [
         (g, None, v, _expert_column_scales(sw.transpose(0, 2, 1), v.shape[1], b))
-        for g, v, sw in zip(cts, (v_gate, v_up), (s_gate, s_up), strict=True)
+        for g, (v, sw, _) in zip(cts, held, strict=True)
     ]
     dx = fp8_grouped_pallas.grouped_matmul_sum(
         terms,
@@ -392,16 +441,11 @@ def _gate_up_bwd(recipe, axes, res, cts):
         tiles=_kernel_tiles(_grad_recipe(recipe)),
         transpose_b=True,
     )
-
-    def weight_grad(g, v):
-        if v.dtype == E4M3:  # fp8-stored experts: no weight gradient
-            return jnp.zeros_like(v)
-        dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes[1] else v.dtype)
-        return _reduce(dw, axes[1], v.dtype)
-
-    dw_gate, dw_up = weight_grad(cts[0], v_gate), weight_grad(cts[1], v_up)
-    zeros = jnp.zeros_like
-    return _reduce(dx, axes[0], x_dtype.dtype), dw_gate, zeros(s_gate), dw_up, zeros(s_up), _int_zero(group_sizes)
+    dws = tuple(
+        Fp8Experts(jnp.zeros_like(v), jnp.zeros_like(sw), _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], k))
+        for g, (v, sw, k) in zip(cts, held, strict=True)
+    )
+    return _reduce(dx, axes[0], x_dtype.dtype), *dws, _int_zero(group_sizes)
 
 
 _gate_up.defvjp(_gate_up_fwd, _gate_up_bwd)
@@ -411,29 +455,34 @@ class GroupedMatmul:
     """The experts' grouped FP8 GEMMs for :func:`dsjax.ops.moe.moe_ragged` / expert parallelism.
 
     ``gmm(x, w, group_sizes)`` is :func:`fp8_ragged_dot`; ``gmm.pair(x, w_gate, w_up, group_sizes)`` both SwiGLU
-    input projections of the same rows (:func:`dsjax.ops.moe.gate_and_up` uses it). ``w``: a float ``[E, K, N]``
-    or a ``(values [E, K, N], scales [E, K/B, N/B])`` pair (E4M3, or :func:`quantize_experts`' float-held
-    values). Where the grouped kernels run, the pair quantises ``x`` once for both and computes their input
-    gradient ``g_gate . w_gate^T + g_up . w_up^T`` in one kernel pass (one ``[rows, K]`` result, not two to
-    be added); elsewhere it is the two GEMMs."""
+    input projections of the same rows (:func:`dsjax.ops.moe.gate_and_up` uses it). ``w``: a float ``[E, K, N]``,
+    an ``(e4m3 [E, K, N], scales [E, K/B, N/B])`` pair (no weight gradient) or an :class:`Fp8Experts`. Where the
+    grouped kernels run, the pair quantises ``x`` once for both and computes their input gradient ``g_gate .
+    w_gate^T + g_up . w_up^T`` in one kernel pass (one ``[rows, K]`` result, not two to be added), float
+    weights quantised by :func:`fp8_experts` (their gradients in the compute dtype); elsewhere it is the two
+    GEMMs."""
 
     def __init__(self, recipe: Fp8Recipe):
         self.recipe = recipe
 
     def __call__(self, x, w, group_sizes):
-        if isinstance(w, tuple):
+        if isinstance(w, tuple) and not isinstance(w, Fp8Experts):
             return fp8_ragged_dot(x, w[0], group_sizes, self.recipe, w_scale=w[1])
         return fp8_ragged_dot(x, w, group_sizes, self.recipe)
 
     def pair(self, x, w_gate, w_up, group_sizes):
         if not _grouped_kernels(self.recipe):
             return self(x, w_gate, group_sizes), self(x, w_up, group_sizes)
-        # Float weights quantised here and held in the compute dtype: their gradients come back in it, as the
-        # bf16 path's (megablox) do; compiled for v5p this step's temporaries were the smallest of the forms tried.
-        v_gate, s_gate = w_gate if isinstance(w_gate, tuple) else quantize_experts(w_gate, self.recipe, x.dtype)
-        v_up, s_up = w_up if isinstance(w_up, tuple) else quantize_experts(w_up, self.recipe, x.dtype)
-        axes = _reductions(x, v_gate)
-        return _gate_up(self.recipe, axes, x, v_gate, s_gate, v_up, s_up, group_sizes.astype(jnp.int32))
+        gate, up = (self._experts(w, x.dtype) for w in (w_gate, w_up))
+        axes = _reductions(x, gate.values)
+        return _gate_up(self.recipe, axes, x, gate, up, group_sizes.astype(jnp.int32))
+
+    def _experts(self, w, dtype) -> Fp8Experts:
+        if isinstance(w, Fp8Experts):
+            return w
+        if isinstance(w, tuple):  # fp8-stored experts: no gradient
+            return Fp8Experts(*w, None)
+        return fp8_experts(w, self.recipe, dtype)
 
 
 def grouped_matmul(recipe: Fp8Recipe) -> GroupedMatmul:

@@ -29,7 +29,7 @@ from dsjax.data.repo import REPO_PREFIX, load_repository_corpus
 from dsjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from dsjax.model import create_model
 from dsjax.pipeline.train import make_pipeline_mesh, make_pipeline_train_step
-from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, make_mesh
+from dsjax.sharding import DEFAULT_RULES, FSDP_RULES, make_mesh, use_mesh
 from dsjax.train.checkpoint import TrainCheckpointer
 from dsjax.train.config import RunConfig, run_config_to_dict
 from dsjax.train.metrics import MetricsLog, load_ratio, plot_run, read_jsonl
@@ -214,8 +214,8 @@ def train(run: RunConfig, out_dir: str, *, resume: bool | str = True, progress: 
             json.dump(run_config_to_dict(run), f, indent=2)
 
     # Entered early so that a SIGTERM during compilation stops the run after its first step.
-    with jax.set_mesh(mesh), StopGuard(max_runtime_s=tc.max_runtime_s, start_time=started) as guard:
-        rules = FSDP_RULES if run.mesh.fsdp else DEFAULT_RULES
+    rules = FSDP_RULES if run.mesh.fsdp else DEFAULT_RULES
+    with use_mesh(mesh, rules), StopGuard(max_runtime_s=tc.max_runtime_s, start_time=started) as guard:
         model = create_model(
             run.model, seed=tc.seed, mesh=mesh, rules=rules, dtype=compute_dtype, param_dtype=jnp.float32
         )
