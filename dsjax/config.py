@@ -75,6 +75,7 @@ class YarnScaling:
 
 
 FP8_BACKENDS = ("reference", "blocked", "pallas", "auto")
+WGRAD_DTYPES = ("float32", "compute")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,6 +93,11 @@ class Fp8Recipe:
     ``pallas`` runs the GEMMs as Pallas TPU kernels with ``blocked``'s numerics (the dense ones always, the
     routed experts' grouped ones where each device has its own rows, as under expert parallelism; interpreted
     off TPU; ``block`` must be 128), ``auto`` picks ``pallas`` when compiling for TPU and ``blocked`` elsewhere.
+    ``wgrad_dtype``: the weight gradients as the GEMMs give them, and as they are summed over devices:
+    ``float32`` (DeepSeek's recipe) or ``compute`` (the compute dtype, e.g. bf16, as the bf16 step's dot
+    gives them: half the bytes in the reductions and the scanned layers' gradient buffers; the partial
+    products are still accumulated in fp32 on each device). The master weights' gradients are in their dtype
+    either way.
     ``pow2_scales`` rounds every scale up to a power of two (DeepSeek-V3.1's UE8M0 scales), which makes the
     1x128 -> 128x1 re-tiling in the backward pass nearly lossless.
     ``amax_floor`` (1e-4, from DeepSeek's activation-quantisation kernel) applies to activations and weights;
@@ -106,6 +112,7 @@ class Fp8Recipe:
     amax_floor: float = 1e-4
     grad_amax_floor: float = 1e-30
     routed_experts: bool = True
+    wgrad_dtype: str = "float32"
 
     def __post_init__(self):
         if self.backend not in FP8_BACKENDS:
@@ -114,6 +121,8 @@ class Fp8Recipe:
             raise ConfigError(f"fp8.block must be a positive int, got {self.block!r}")
         if self.backend == "pallas" and self.block != 128:
             raise ConfigError(f"fp8.backend='pallas' needs fp8.block=128 (the TPU's lanes), got {self.block}")
+        if self.wgrad_dtype not in WGRAD_DTYPES:
+            raise ConfigError(f"fp8.wgrad_dtype={self.wgrad_dtype!r}; choose one of {WGRAD_DTYPES}")
         if not isinstance(self.routed_experts, bool):
             raise ConfigError(f"fp8.routed_experts must be true or false, got {self.routed_experts!r}")
         for name in ("amax_floor", "grad_amax_floor"):

@@ -24,11 +24,14 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+if TYPE_CHECKING:  # flax only for the state helpers' types: the FP8 ops import this module on bare GPU images
+    from flax import nnx
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -183,6 +186,8 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULE
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
     """NamedSharding for every variable of ``state`` (same tree), for ``jit`` in/out shardings."""
+    from flax import nnx
+
     return jax.tree.map(
         lambda v: v.replace(variable_sharding(v, mesh, rules)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )

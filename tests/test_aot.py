@@ -244,23 +244,27 @@ def test_fp8_grouped_pallas_kernels_compile_for_tpu_with_a_fraction_of_the_tempo
     assert analyse_hlo(text).matmul_flops == 3 * 2 * m * k * n
 
 
-def test_fp8_experts_are_quantised_on_their_shards_and_gathered_in_e4m3(v5p):
-    """Expert weights under FSDP (split over ``data`` by their width), quantised ahead of expert parallelism's
-    ``shard_map`` (which wants them whole along that width): traced under ``use_mesh`` with the rules they
+def test_fp8_weights_are_quantised_on_their_shards_and_gathered_in_e4m3(v5p):
+    """Weights under FSDP, quantised ahead of their FP8 GEMMs: a dense projection (split over ``data`` x
+    ``expert`` by its input width, gathered whole for the kernels) and experts (split over ``data`` by their
+    width, gathered whole by expert parallelism's ``shard_map``). Traced under ``use_mesh`` with the rules they
     were placed with, each chip quantises its own shard and XLA gathers E4M3 values. Left to itself XLA:TPU
-    gathers the fp32 weight and quantises the gathered copy (4x the bytes moved, an fp32 copy in memory)."""
+    gathers them in fp32 (in the V3 layer step the dense ones as fp32 sums over all chips)."""
     from dsjax.config import Fp8Recipe
+    from dsjax.layers.common import project
     from dsjax.ops import fp8_grouped
     from dsjax.sharding import use_mesh, weight_spec
 
     mesh = make_mesh(2, 2, v5p.devices)
-    recipe = Fp8Recipe(backend="pallas")
+    recipe = Fp8Recipe(backend="pallas", wgrad_dtype="compute")  # gradients summed in bf16: fp32 is the weights'
     rows = (("data", "expert"), None)
     w = _abstract(mesh, (4, 512, 256), ("expert", "data", None), jnp.float32)
+    dense = _abstract(mesh, (512, 256), (("data", "expert"), None), jnp.float32)
+    narrow = _abstract(mesh, (256, 384), (("data", "expert"), None), jnp.float32)  # 64 rows a shard: half a block
     x = _abstract(mesh, (4096, 512), rows)
     sizes = _abstract(mesh, (8,), (("data", "expert"),), jnp.int32)  # two local experts' group sizes per chip
 
-    def loss(w, x, sizes):
+    def loss(w, dense, narrow, x, sizes):
         spec = weight_spec(("experts", "embed", "moe_mlp"), w.shape)
         experts = fp8_grouped.fp8_experts(w, recipe, x.dtype, spec)
         gmm = fp8_grouped.grouped_matmul(recipe)
@@ -270,15 +274,22 @@ def test_fp8_experts_are_quantised_on_their_shards_and_gathered_in_e4m3(v5p):
             out_specs=P(*rows),
             check_vma=False,
         )(x, experts, sizes)
-        return jnp.sum(y.astype(jnp.float32) ** 2)
+        y = y + project(x, dense, None, n_in=1, fp8=recipe, axes=("embed", "mlp"))
+        z = project(x[:, :256], narrow, None, n_in=1, fp8=recipe, axes=("embed", "mlp"))
+        return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(z.astype(jnp.float32) ** 2)
 
-    def gathered(rules):
+    def moved(rules):  # {weight: {(collective, dtype)}} for the collectives of weight-shaped values
         with use_mesh(mesh, rules):
-            text = jax.jit(jax.grad(loss)).lower(w, x, sizes).compile().as_text()
-        return {g.split("[")[0] for g in re.findall(r"= (\S+\[2,512,256\]\S*) all-gather", text)}
+            text = jax.jit(jax.grad(loss, (0, 1, 2))).lower(w, dense, narrow, x, sizes).compile().as_text()
+        found = re.findall(r"= (\w+)\[(2,512,256|512,256|256,384)\]\S* (all-gather|all-reduce)\(", text)
+        shapes = ("2,512,256", "512,256", "256,384")
+        return {shape: {(kind, dtype) for dtype, s, kind in found if s == shape} for shape in shapes}
 
-    assert gathered(FSDP_RULES) == {"f8e4m3fn"}
-    assert gathered(None) == {"f32"}  # no rules declared: the weight is gathered in fp32
+    # pinned: E4M3 gathered forward (the gradients, bf16, summed backward), nothing of the weights moved in fp32
+    for shape, collectives in moved(FSDP_RULES).items():
+        assert ("all-gather", "f8e4m3fn") in collectives and all(d != "f32" for _, d in collectives), shape
+    unpinned = moved(None)  # no rules declared
+    assert all(("all-gather", "f32") in collectives for collectives in unpinned.values()), unpinned
 
 
 def test_optimizer_state_is_sharded_like_the_parameters():

@@ -7,6 +7,9 @@ measured 2e-8..8e-7). Against exact fp32 matmuls one fine-grained E4M3 GEMM on t
 rel-Frobenius (fwd/dgrad/wgrad); the band asserted is 0.5%-6%, whose lower end catches quantisation skipped.
 """
 
+import functools
+from dataclasses import replace
+
 import chex
 import fp8_reference as ref
 import jax
@@ -361,29 +364,29 @@ def test_fp8_ragged_dot(backend, pow2):
 def test_experts_quantised_ahead_keep_the_weight_gradient(backend):
     """``fp8_experts`` (how the MoE layer hands float experts to the grouped GEMMs: E4M3 values, scales and a
     gradient sink) gives ``fp8_ragged_dot`` and the gated pair the float weight's outputs and gradients; the
-    values are E4M3, the gradient reaches the weight in its own dtype through a sink of the compute dtype, and
-    the sink's value is never read (NaNs in it change nothing)."""
+    values are E4M3, the gradient reaches the weight in its own dtype through a sink of the recipe's
+    ``wgrad_dtype``, and the sink's value is never read (NaNs in it change nothing)."""
     r = recipe(backend)
     x = jnp.asarray(activations(13, (300, 200)))
     w = jnp.asarray(activations(14, (len(GROUPS), 200, 136)) * 0.02)
     sizes = jnp.asarray(GROUPS)
     gmm = fp8_grouped.grouped_matmul(r)
 
-    def ahead(x, w, dtype=jnp.float32):
-        return gmm(x, fp8_grouped.fp8_experts(w, r, dtype), sizes)
+    def ahead(x, w):
+        return gmm(x, fp8_grouped.fp8_experts(w, r, x.dtype), sizes)
 
     grads = lambda f: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w))), (0, 1)))(x, w)
     assert_close(grads(ahead), grads(lambda x, w: fp8_grouped.fp8_ragged_dot(x, w, sizes, r)), tol=1e-6)
     experts = fp8_grouped.fp8_experts(w, r, jnp.bfloat16)
     assert experts.values.dtype == fp8.E4M3 and experts.scales.dtype == jnp.float32
-    assert experts.grad.dtype == jnp.bfloat16 and experts.grad.shape == w.shape
+    assert experts.grad.dtype == jnp.float32 and experts.grad.shape == w.shape  # DeepSeek's fp32 gradients
+    assert fp8_grouped.fp8_experts(w, replace(r, wgrad_dtype="compute"), jnp.bfloat16).grad.dtype == jnp.bfloat16
     poisoned = experts._replace(grad=jnp.full_like(experts.grad, jnp.nan))
     np.testing.assert_array_equal(np.asarray(gmm(x, poisoned, sizes)), np.asarray(gmm(x, experts, sizes)))
     _, pullback = jax.vjp(lambda e: gmm(x, e, sizes), experts)
     ct = pullback(jnp.ones((300, 136)))[0]
-    assert ct.grad.dtype == jnp.bfloat16 and not np.asarray(ct.values, np.float32).any()
-    dw = jax.grad(lambda w: jnp.sum(ahead(x, w, jnp.bfloat16)))(w)
-    assert dw.dtype == w.dtype and np.asarray(dw)[2].any()
+    assert ct.grad.dtype == jnp.float32 and not np.asarray(ct.values, np.float32).any()
+    assert np.asarray(ct.grad)[2].any()
 
     def pair(x, w_gate, w_up, ahead):
         quantised = (fp8_grouped.fp8_experts(w, r, x.dtype) for w in (w_gate, w_up)) if ahead else (w_gate, w_up)
@@ -393,6 +396,56 @@ def test_experts_quantised_ahead_keep_the_weight_gradient(backend):
     w_up = w * 0.5 + 0.01
     loss = lambda ahead: jax.jit(jax.value_and_grad(pair, (0, 1, 2)), static_argnums=3)(x, w, w_up, ahead)
     assert_close(loss(True), loss(False), tol=1e-6)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_weights_quantised_on_shards_narrower_than_a_block(pow2):
+    """``fp8_weight`` pinned to a layout whose shards are narrower than a block along one axis (a V3
+    projection over 64 chips: 112 columns a shard) takes each block's amax in two steps on the shards; the
+    values and scales are ``quantize_blocks``' bit for bit, split along either axis (or both: unpinned), and the
+    values keep the weight's layout."""
+    from dsjax.sharding import use_mesh, weight_spec
+
+    r = recipe(pow2=pow2)
+    w = activations(70, (256, 512)) * 0.02
+    w[5, 300] = 3.0  # one block's amax set by a single element
+    mesh = make_mesh(data=2, expert=4)
+    want = fp8.quantize_blocks(jnp.asarray(w), r)
+    for axes in (("embed", None), (None, "embed"), ("embed", "embed2")):
+        with use_mesh(mesh, (("embed", ("data", "expert")), ("embed2", "data"))):
+            spec = weight_spec(axes, w.shape)  # 32 rows or 64 columns a shard
+            got = jax.jit(lambda w, spec=spec: fp8.fp8_weight(w, r, jnp.float32, spec)[:2])(jnp.asarray(w))
+        np.testing.assert_array_equal(q_bytes(got[0]), q_bytes(want[0]))
+        np.testing.assert_array_equal(f32_bits(got[1]), f32_bits(want[1]))
+        if axes != ("embed", "embed2"):
+            assert got[0].sharding.is_equivalent_to(jax.NamedSharding(mesh, spec), 2), (axes, got[0].sharding)
+
+
+@pytest.mark.parametrize("backend", ["blocked", "pallas"])
+def test_weight_gradients_in_the_compute_dtype(backend):
+    """``wgrad_dtype="compute"``: the GEMMs give weight gradients in the compute dtype (bf16 here), the dense
+    and the grouped ones (and the experts quantised ahead), each the fp32 gradient rounded once; the master
+    weights' gradients stay in their dtype and the inputs' gradients are unchanged."""
+    fp32, bf16 = recipe(backend), replace(recipe(backend), wgrad_dtype="compute")
+    x = jnp.asarray(activations(13, (300, 200))).astype(jnp.bfloat16)
+    w = jnp.asarray(activations(14, (200, 136)) * 0.02)
+    ws = jnp.asarray(activations(15, (len(GROUPS), 200, 136)) * 0.02)
+    sizes = jnp.asarray(GROUPS)
+    g = jnp.asarray(np.random.default_rng(16).standard_normal((300, 136)), jnp.bfloat16)
+    ops = {
+        "dense": lambda r, x, w: fp8.fp8_matmul(x, w, r),
+        "grouped": lambda r, x, w: fp8_grouped.fp8_ragged_dot(x, w, sizes, r),
+        "ahead": lambda r, x, w: fp8_grouped.grouped_matmul(r)(x, fp8_grouped.fp8_experts(w, r, x.dtype), sizes),
+    }
+    for name, op in ops.items():
+        weight = w if name == "dense" else ws
+        (dx32, dw32), (dx16, dw16) = (jax.vjp(functools.partial(op, r), x, weight)[1](g) for r in (fp32, bf16))
+        assert dw16.dtype == dw32.dtype == jnp.float32, name
+        np.testing.assert_array_equal(np.asarray(dx16), np.asarray(dx32))
+        np.testing.assert_array_equal(np.asarray(dw16), np.asarray(dw32.astype(jnp.bfloat16).astype(jnp.float32)))
+        assert not np.array_equal(np.asarray(dw16), np.asarray(dw32)), name  # the rounding is there
+    with pytest.raises(ConfigError, match="wgrad_dtype"):
+        Fp8Recipe(wgrad_dtype="bfloat16")
 
 
 @pytest.mark.parametrize(

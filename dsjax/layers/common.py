@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
 from dsjax.config import Fp8Recipe
-from dsjax.ops.fp8 import dequantize_blocks, fp8_matmul, quantize_blocks
+from dsjax.ops.fp8 import dequantize_blocks, fp8_matmul, fp8_weight, quantize_blocks
 from dsjax.ops.moe import swiglu
 from dsjax.ops.norm import rms_norm
+from dsjax.sharding import weight_spec
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -63,18 +65,44 @@ def float_weight(w, scale, dtype, *, n_in: int, n_lead: int = 0):
     return dequantize_blocks(_as_matrix(w, n_in, n_lead), scale, STORAGE_RECIPE.block, dtype).reshape(w.shape)
 
 
-def project(x, w, scale, *, n_in: int, fp8: Fp8Recipe | None):
+def project(x, w, scale, *, n_in: int, fp8: Fp8Recipe | None, axes: tuple[str, ...] | None = None):
     """``x [..., in...] . w [in..., out...] -> [..., out...]`` (contracting the last ``n_in`` axes of x).
 
     With ``fp8`` the product is DeepSeek's fine-grained FP8 GEMM (:func:`dsjax.ops.fp8.fp8_matmul`) over the
     flattened ``[in, out]`` matrix; otherwise a plain dot in ``x.dtype`` (fp8-stored weights dequantised first).
+    Float weights are quantised from master precision ahead of the GEMM (:func:`dsjax.ops.fp8.fp8_weight`),
+    on their shards where ``axes`` (their logical axes) and the declared rules place them.
     """
     if fp8 is None:
         return jnp.tensordot(x, float_weight(w, scale, x.dtype, n_in=n_in), axes=n_in)
     lead = x.shape[: x.ndim - n_in]
     w2 = _as_matrix(w, n_in)
-    y = fp8_matmul(x.reshape(*lead, w2.shape[0]), w2, fp8, scale)  # float weights quantised from master precision
+    if scale is None:
+        w2 = fp8_weight(w2, fp8, x.dtype, _matrix_spec(axes, w.shape, n_in))
+    y = fp8_matmul(x.reshape(*lead, math.prod(w.shape[:n_in])), w2, fp8, scale)
     return y.reshape(*lead, *w.shape[n_in:])
+
+
+def weight_axes(module: nnx.Module, name: str) -> tuple[str, ...]:
+    """The logical axes of the weight ``module.<name>`` as the layer sees it (inside a scan over stacked layers,
+    without the stacked axis)."""
+    var = getattr(module, name)
+    axes = tuple(var.get_metadata()["logical_axes"])
+    return axes[len(axes) - var[...].ndim :]
+
+
+def _matrix_spec(axes, shape, n_in: int) -> PartitionSpec | None:
+    """The layout of the ``[in, out]`` matrix view of a weight placed by the declared rules
+    (:func:`dsjax.sharding.weight_spec`), where the reshape keeps it: each group of axes split, if at all, on
+    its leading one. None otherwise, or with no rules declared."""
+    spec = None if axes is None else weight_spec(axes, shape)
+    if spec is None:
+        return None
+    parts = tuple(spec) + (None,) * (len(shape) - len(spec))
+    groups = (parts[:n_in], parts[n_in:])
+    if any(p is not None for group in groups for p in group[1:]):
+        return None
+    return PartitionSpec(*(group[0] for group in groups))
 
 
 class RMSNorm(nnx.Module):
@@ -119,7 +147,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd):
         def proj(x, name):
-            return project(x, *weight_and_scale(self, name), n_in=1, fp8=self.fp8)
+            return project(x, *weight_and_scale(self, name), n_in=1, fp8=self.fp8, axes=weight_axes(self, name))
 
         return proj(swiglu(proj(x_btd, "w_gate"), proj(x_btd, "w_up")), "w_down")
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
-from dsjax.layers.common import config_norm, float_weight, project, projection, weight_and_scale
+from dsjax.layers.common import config_norm, float_weight, project, projection, weight_and_scale, weight_axes
 from dsjax.ops import flash_attention
 from dsjax.ops.attention import AttentionMask, mla_absorbed, mla_naive
 from dsjax.ops.rope import apply_rope
@@ -60,7 +60,7 @@ class MLA(nnx.Module):
         self.wo, self.wo_scale = make((h, cfg.v_head_dim, d), ("heads", "v_head", "embed"), n_in=2)
 
     def _project(self, x, name: str, n_in: int = 1):
-        return project(x, *weight_and_scale(self, name), n_in=n_in, fp8=self.fp8)
+        return project(x, *weight_and_scale(self, name), n_in=n_in, fp8=self.fp8, axes=weight_axes(self, name))
 
     def query(self, x_btd, cos, sin):
         """``q_nope [b, t, h, n]`` and rotated ``q_pe [b, t, h, r]``."""

@@ -35,13 +35,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from dsjax.config import Fp8Recipe
 from dsjax.ops import fp8_pallas
-from dsjax.sharding import active_platform, varying_axes
+from dsjax.sharding import active_platform, free_axes, varying_axes
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -195,15 +198,21 @@ def _column_scales(sw, n: int, block: int):
     return jnp.repeat(sw, block, axis=1)[:, :n]
 
 
-def _wgrad(xq, sx, g, recipe: Fp8Recipe):
-    """``dw = x^T . g`` with both re-tiled ``B x 1`` along the tokens (the contraction)."""
+def wgrad_dtype(recipe: Fp8Recipe, compute_dtype):
+    """The dtype the recipe's GEMMs give weight gradients in (``Fp8Recipe.wgrad_dtype``)."""
+    return jnp.dtype(jnp.float32 if recipe.wgrad_dtype == "float32" else compute_dtype)
+
+
+def _wgrad(xq, sx, g, recipe: Fp8Recipe, out_dtype=jnp.float32):
+    """``dw = x^T . g`` with both re-tiled ``B x 1`` along the tokens (the contraction), in ``out_dtype``."""
     if uses_pallas(recipe):
         tiles = _kernel_tiles(recipe)
-        return fp8_pallas.weight_grad(xq, sx, g, x_tiles=tiles, g_tiles=_kernel_tiles(_grad_recipe(recipe)))
+        g_tiles = _kernel_tiles(_grad_recipe(recipe))
+        return fp8_pallas.weight_grad(xq, sx, g, x_tiles=tiles, g_tiles=g_tiles, out_dtype=out_dtype)
     x = dequantize_rows(xq, sx, recipe.block)
     xtq, sxt = quantize_rows(x.T, recipe)  # [K, M], tiles along M
     gtq, sgt = quantize_rows(g.T, _grad_recipe(recipe))  # [N, M]
-    return gemm(xtq, sxt, gtq.T, sgt.T, col_block=1, recipe=recipe)
+    return gemm(xtq, sxt, gtq.T, sgt.T, col_block=1, recipe=recipe).astype(out_dtype)
 
 
 def _dgrad(g, wq, sw, recipe: Fp8Recipe, dtype=jnp.float32):
@@ -250,7 +259,7 @@ def _linear_fwd(recipe, axes, x, w):
 def _linear_bwd(recipe, axes, res, g):
     xq, sx, wq, sw, x_dtype, w_dtype = res
     dx = _dgrad(g, wq, sw, recipe, _dgrad_dtype(axes[0], x_dtype.dtype))
-    dw = _wgrad(xq, sx, g, recipe)
+    dw = _wgrad(xq, sx, g, recipe, wgrad_dtype(recipe, x_dtype.dtype))
     return _reduce(dx, axes[0], x_dtype.dtype), _reduce(dw, axes[1], w_dtype.dtype)
 
 
@@ -258,35 +267,133 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _linear_q(recipe, axes, x, wq, sw):
-    return _linear_q_fwd(recipe, axes, x, wq, sw)[0]
+def _linear_q(recipe, axes, x, wq, sw, sink):
+    return _linear_q_fwd(recipe, axes, x, wq, sw, sink)[0]
 
 
-def _linear_q_fwd(recipe, axes, x, wq, sw):
+def _linear_q_fwd(recipe, axes, x, wq, sw, sink):
+    """E4M3 weights: no weight gradient (nothing of ``x`` kept), or with a gradient ``sink`` (:class:`Fp8Weight`)."""
     xq, sx = _quantize_activations(x, recipe)
     y = _forward(xq, sx, wq, sw, recipe, x.dtype)
-    return y, (wq, sw, jnp.zeros((), x.dtype))
+    if sink is None:
+        xq = sx = None
+    return y, (xq, sx, wq, sw, sink_dtype(sink), jnp.zeros((), x.dtype))
 
 
 def _linear_q_bwd(recipe, axes, res, g):
-    wq, sw, x_dtype = res
+    xq, sx, wq, sw, grad_dtype, x_dtype = res
     dx = _dgrad(g, wq, sw, recipe, _dgrad_dtype(axes[0], x_dtype.dtype))
-    return _reduce(dx, axes[0], x_dtype.dtype), jnp.zeros_like(wq), jnp.zeros_like(sw)
+    dw = None if grad_dtype is None else _reduce(_wgrad(xq, sx, g, recipe, grad_dtype.dtype), axes[1], grad_dtype.dtype)
+    return _reduce(dx, axes[0], x_dtype.dtype), jnp.zeros_like(wq), jnp.zeros_like(sw), dw
 
 
 _linear_q.defvjp(_linear_q_fwd, _linear_q_bwd)
 
 
+def sink_dtype(sink):
+    """A residual that records a gradient sink's dtype (None without one)."""
+    return None if sink is None else jnp.zeros((), sink.dtype)
+
+
+class Fp8Weight(NamedTuple):
+    """A weight quantised ahead of its GEMMs (:func:`fp8_weight`): ``values [..., K, N]`` E4M3, ``scales [...,
+    K/B, N/B]`` fp32, and ``grad``, a zero array of the weight's shape in ``Fp8Recipe.wgrad_dtype`` whose value
+    nothing reads: its cotangent is the weight's gradient (the GEMMs give it the dequantised weight's ``x^T .
+    g``), which :func:`fp8_weight` passes on to the float weight. ``grad`` None: no weight gradient."""
+
+    values: jax.Array
+    scales: jax.Array
+    grad: jax.Array | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gradient_sink(w, dtype):
+    return jnp.zeros(w.shape, dtype)
+
+
+def _gradient_sink_fwd(w, dtype):
+    return _gradient_sink(w, dtype), jnp.zeros((), w.dtype)
+
+
+def _gradient_sink_bwd(dtype, w_dtype, ct):
+    return (ct.astype(w_dtype.dtype),)
+
+
+_gradient_sink.defvjp(_gradient_sink_fwd, _gradient_sink_bwd)
+
+
+def fp8_weight(w, recipe: Fp8Recipe, dtype, spec: PartitionSpec | None = None, *, quantize=None) -> Fp8Weight:
+    """A float weight ``w [..., K, N]`` quantised in ``B x B`` blocks over its last two axes ahead of its GEMMs:
+    an :class:`Fp8Weight`, differentiable straight through (the GEMMs' weight gradient, in the recipe's
+    ``wgrad_dtype`` for compute dtype ``dtype``, reaches ``w`` in its own dtype).
+
+    ``spec``: ``w``'s layout on the active mesh (:func:`dsjax.sharding.weight_spec`). The values and scales are
+    then pinned to it, so each device quantises its own shard (when no block straddles two) and a weight that
+    must be gathered is gathered in E4M3, a quarter of fp32's bytes. Unpinned, XLA:TPU gathered V3's experts
+    in fp32 and quantised the whole copy, and summed the quantised-but-fp32 dense weights over all devices to
+    gather them (README, FP8 at scale). ``quantize``: the quantiser (:func:`quantize_blocks` by default)."""
+    split = _split_within_blocks(w.shape, spec, recipe.block) if spec is not None and free_axes() else None
+    if split is None:
+        values, scales = (quantize or quantize_blocks)(w, recipe)
+    elif split == ():  # every shard holds whole blocks
+        values, scales = (quantize or quantize_blocks)(w, recipe)
+        values = jax.lax.with_sharding_constraint(values, spec)
+        scales = jax.lax.with_sharding_constraint(scales, spec)
+    else:  # shards narrower than a block along one axis (a V3 projection over 64 chips: 7168 / 64 = 112 columns)
+        values, scales = _quantize_blocks_split(w, recipe, split[0])
+        values = jax.lax.with_sharding_constraint(values, spec)
+    sink = _gradient_sink(w, wgrad_dtype(recipe, dtype))
+    return Fp8Weight(jax.lax.stop_gradient(values), jax.lax.stop_gradient(scales), sink)
+
+
+def _split_within_blocks(shape, spec: PartitionSpec, block: int) -> tuple[int, ...] | None:
+    """Of the last two axes of a ``spec``-placed weight, those whose shards are not whole ``block``s: ``()`` when
+    none, ``(axis,)`` (-2 or -1) for one; None for both, or a dimension not a multiple of ``block``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    parts = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+    split = []
+    for axis in (-2, -1):
+        axes = (parts[axis],) if isinstance(parts[axis], str) else tuple(parts[axis] or ())
+        if shape[axis] % block:
+            return None
+        if shape[axis] % (block * math.prod(mesh.shape[a] for a in axes)):
+            split.append(axis)
+    return tuple(split) if len(split) < 2 else None
+
+
+def _quantize_blocks_split(w, recipe: Fp8Recipe, split_axis: int):
+    """:func:`quantize_blocks` (the same values) for a weight split along ``split_axis`` into shards narrower
+    than a block. Each block's amax is taken in two steps, along the whole axis first (on the shards) and then
+    along the split one on the small ``[K, N/B]`` or ``[K/B, N]`` partial maxima, and each element is divided
+    by its block's scale where it lies: no block is ever assembled from two shards, and the weight stays put
+    (``quantize_blocks``' block reshape of the split axis made XLA:TPU move the whole fp32 weight)."""
+    b = recipe.block
+    *lead, k, n = w.shape
+    a = jnp.abs(w.astype(jnp.float32))
+    if split_axis == -1:  # down the 128-row groups of every column first, then across the columns' groups
+        amax = jnp.max(a.reshape(*lead, k // b, b, n), axis=-2).reshape(*lead, k // b, n // b, b).max(-1)
+    else:
+        amax = jnp.max(a.reshape(*lead, k, n // b, b), axis=-1).reshape(*lead, k // b, b, n // b).max(-2)
+    s = tile_scale(amax, recipe)
+    return _cast(w.astype(jnp.float32), jnp.repeat(jnp.repeat(s, b, axis=-2), b, axis=-1)), s
+
+
 def fp8_matmul(x, w, recipe: Fp8Recipe, w_scale=None):
     """``x [..., K] . w [K, N]`` as a fine-grained FP8 GEMM; output in ``x.dtype``.
 
-    ``w`` is a float weight (quantised here, gradient returned in its dtype), or an E4M3 weight with its
-    ``w_scale [ceil(K/B), ceil(N/B)]`` block scales (no weight gradient).
+    ``w`` is a float weight (quantised here, gradient returned in its dtype), an E4M3 weight with its
+    ``w_scale [ceil(K/B), ceil(N/B)]`` block scales (no weight gradient), or an :class:`Fp8Weight`.
     """
     *lead, k = x.shape
-    if w.ndim != 2 or w.shape[0] != k:
-        raise ValueError(f"fp8_matmul: x {x.shape} and w {w.shape} do not contract (w must be [K, N])")
+    weight = w.values if isinstance(w, Fp8Weight) else w
+    if weight.ndim != 2 or weight.shape[0] != k:
+        raise ValueError(f"fp8_matmul: x {x.shape} and w {weight.shape} do not contract (w must be [K, N])")
     x2 = x.reshape(-1, k)
-    axes = _reductions(x2, w)
-    y = _linear(recipe, axes, x2, w) if w_scale is None else _linear_q(recipe, axes, x2, w, w_scale)
-    return y.reshape(*lead, w.shape[1])
+    axes = _reductions(x2, weight)
+    if isinstance(w, Fp8Weight):
+        y = _linear_q(recipe, axes, x2, w.values, w.scales, w.grad)
+    elif w_scale is None:
+        y = _linear(recipe, axes, x2, w)
+    else:
+        y = _linear_q(recipe, axes, x2, w, w_scale, None)
+    return y.reshape(*lead, weight.shape[1])

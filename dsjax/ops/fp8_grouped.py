@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ from dsjax.ops import fp8_grouped_pallas, fp8_pallas
 from dsjax.ops.fp8 import (
     _HIGHEST,
     E4M3,
+    Fp8Weight,
     _cast,
     _cdiv,
     _dequantize_cols,
@@ -37,10 +36,13 @@ from dsjax.ops.fp8 import (
     _reductions,
     dequantize_rows,
     fp8_matmul,
+    fp8_weight,
     quantize_blocks,
     quantize_rows,
+    sink_dtype,
     tile_scale,
     uses_pallas,
+    wgrad_dtype,
 )
 from dsjax.sharding import free_axes
 
@@ -164,8 +166,9 @@ def _expert_tiles(group_sizes, s_rows: int, b: int):
 
 def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float32):
     """``dw[e] = x_e^T . g_e`` with x and g re-tiled ``B x 1`` along the tokens in :func:`_expert_tiles`'
-    tiles (a tile never mixes two experts' tokens). Returns ``[E, K, N]`` fp32. The blocked backend forms one fp32
-    ``[K, N]`` partial product per tile (``S/B + E`` tiles), ``_WGRAD_CHUNK_BYTES`` of them at a time."""
+    tiles (a tile never mixes two experts' tokens). Returns ``[E, K, N]`` in ``out_dtype`` (summed in fp32). The
+    blocked backend forms one fp32 ``[K, N]`` partial product per tile (``S/B + E`` tiles), ``_WGRAD_CHUNK_BYTES``
+    of them at a time."""
     if _grouped_kernels(recipe):
         x_tiles, g_tiles = _kernel_tiles(recipe), _kernel_tiles(_grad_recipe(recipe))
         return fp8_grouped_pallas.grouped_weight_grad(
@@ -196,7 +199,7 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float
         _, pullback = jax.vjp(
             lambda w: jax.lax.ragged_dot(x, w, sizes, precision=_HIGHEST), jnp.zeros((e, k, n), jnp.float32)
         )
-        return pullback(gd)[0]
+        return pullback(gd)[0].astype(out_dtype)
     # Per-tile fp8 x fp8 -> fp32 products, scaled and added into their expert's gradient a chunk of tiles at a
     # time: all [tiles, K, N] partial products at once would be ~5.6 GB for 8192 rows of a 7168 x 2048 expert.
     # Each chunk re-tiles its own rows, so the fp32 values exist per chunk ([chunk, B, K + N], within the same
@@ -222,7 +225,7 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float
     acc, _ = add_chunk(jnp.zeros((e, k, n), jnp.float32), jax.tree.map(lambda a: a[0], tiles))
     if chunks > 1:
         acc, _ = jax.lax.scan(add_chunk, acc, jax.tree.map(lambda a: a[1:], tiles))
-    return acc
+    return acc.astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -288,7 +291,7 @@ def _int_zero(group_sizes):
 def _grouped_bwd(recipe, axes, res, g):
     xq, sx, wq, sw, group_sizes, x_dtype, w_dtype = res
     dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
-    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe)
+    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=wgrad_dtype(recipe, x_dtype.dtype))
     return dx, _reduce(dw, axes[1], w_dtype.dtype), _int_zero(group_sizes)
 
 
@@ -302,102 +305,47 @@ def _grouped_q(recipe, axes, x, wq, sw, sink, group_sizes):
 
 def _grouped_q_fwd(recipe, axes, x, wq, sw, sink, group_sizes):
     """Pre-quantised experts: E4M3 with no weight gradient (nothing of ``x`` kept), or with a gradient ``sink``
-    (:class:`Fp8Experts`: the dequantised weight's gradient, in the sink's dtype)."""
+    (:class:`Fp8Weight`: the dequantised weight's gradient, in the sink's dtype)."""
     y, xq, sx = _grouped_forward(x, wq, sw, group_sizes, recipe)
     if sink is None:
         xq = sx = None
-    return y, (xq, sx, wq, sw, _dtype_of(sink), group_sizes, jnp.zeros((), x.dtype))
+    return y, (xq, sx, wq, sw, sink_dtype(sink), group_sizes, jnp.zeros((), x.dtype))
 
 
-def _dtype_of(sink):
-    return None if sink is None else jnp.zeros((), sink.dtype)
-
-
-def _weight_grad(xq, sx, g, group_sizes, recipe, axes, sink_dtype):
+def _weight_grad(xq, sx, g, group_sizes, recipe, axes, grad_dtype):
     """The gradient of an expert weight's sink (``None`` without one: fp8-stored experts get none)."""
-    if sink_dtype is None:
+    if grad_dtype is None:
         return None
-    dtype = sink_dtype.dtype
-    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=jnp.float32 if axes else dtype)
-    return _reduce(dw, axes, dtype)
+    dtype = grad_dtype.dtype  # Fp8Recipe.wgrad_dtype's, summed over the devices in it too
+    return _reduce(_ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=dtype), axes, dtype)
 
 
 def _grouped_q_bwd(recipe, axes, res, g):
-    xq, sx, wq, sw, sink_dtype, group_sizes, x_dtype = res
+    xq, sx, wq, sw, grad_dtype, group_sizes, x_dtype = res
     dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
-    dw = _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], sink_dtype)
+    dw = _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], grad_dtype)
     return dx, jnp.zeros_like(wq), jnp.zeros_like(sw), dw, _int_zero(group_sizes)
 
 
 _grouped_q.defvjp(_grouped_q_fwd, _grouped_q_bwd)
 
 
-class Fp8Experts(NamedTuple):
-    """Expert weights quantised ahead of the grouped GEMMs (:func:`fp8_experts`): ``values [E, K, N]`` E4M3,
-    ``scales [E, K/B, N/B]`` fp32, and ``grad``, a zero ``[E, K, N]`` array in the compute dtype whose value
-    nothing reads: its cotangent is the weight's gradient (the GEMMs give it the dequantised weight's
-    ``x^T . g``), which :func:`fp8_experts` passes on to the float weight. All three split on their expert
-    axis, so expert parallelism's ``shard_map`` takes them as one weight (and gathers one byte per value)."""
-
-    values: jax.Array
-    scales: jax.Array
-    grad: jax.Array
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _gradient_sink(w, dtype):
-    return jnp.zeros(w.shape, dtype)
-
-
-def _gradient_sink_fwd(w, dtype):
-    return _gradient_sink(w, dtype), jnp.zeros((), w.dtype)
-
-
-def _gradient_sink_bwd(dtype, w_dtype, ct):
-    return (ct.astype(w_dtype.dtype),)
-
-
-_gradient_sink.defvjp(_gradient_sink_fwd, _gradient_sink_bwd)
-
-
-def fp8_experts(w, recipe: Fp8Recipe, dtype, spec: PartitionSpec | None = None) -> Fp8Experts:
-    """Float expert weights ``w [E, K, N]`` quantised in ``B x B`` blocks for the grouped GEMMs: an
-    :class:`Fp8Experts`. Differentiable straight through: the GEMMs' weight gradient, in ``dtype`` (the compute
-    dtype, as the bf16 path's are), reaches ``w`` in its own dtype.
-
-    ``spec``: ``w``'s layout on the active mesh (:func:`dsjax.sharding.weight_spec`). The values and scales are
-    then pinned to it, so each device quantises its own shard (when the blocks do not straddle shards) and
-    expert parallelism gathers E4M3, half the bytes of bf16. Unpinned, XLA:TPU gathered V3's fp32 experts and
-    quantised the whole copy (README, FP8 at scale)."""
-    if not free_axes():  # local experts (unpartitioned, or inside shard_map), one at a time
-        values, scales = _quantize_experts(w, recipe)
-    else:
-        values, scales = quantize_blocks(w, recipe)
-        if spec is not None and _blocks_within_shards(w.shape, spec, recipe.block):
-            values = jax.lax.with_sharding_constraint(values, spec)
-            scales = jax.lax.with_sharding_constraint(scales, spec)
-    return Fp8Experts(jax.lax.stop_gradient(values), jax.lax.stop_gradient(scales), _gradient_sink(w, dtype))
-
-
-def _blocks_within_shards(shape, spec: PartitionSpec, block: int) -> bool:
-    """Whether every split dimension of ``[E, K, N]`` (past the experts) splits into whole ``block``s."""
-    mesh = jax.sharding.get_abstract_mesh()
-    for dim, axes in zip(shape[1:], tuple(spec)[1:], strict=False):
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        if dim % (block * math.prod(mesh.shape[a] for a in axes)):
-            return False
-    return True
+def fp8_experts(w, recipe: Fp8Recipe, dtype, spec: PartitionSpec | None = None) -> Fp8Weight:
+    """Float expert weights ``w [E, K, N]`` quantised in ``B x B`` blocks per expert ahead of the grouped GEMMs:
+    :func:`dsjax.ops.fp8.fp8_weight` (``spec`` pins them to the weights' layout: quantised on their shards,
+    gathered in E4M3 by expert parallelism), one expert at a time where they are the device's own."""
+    return fp8_weight(w, recipe, dtype, spec, quantize=None if free_axes() else _quantize_experts)
 
 
 def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
     """Grouped FP8 GEMM: ``x [S, K]`` rows sorted by expert, ``w [E, K, N]``, ``group_sizes [E]`` -> ``[S, N]``.
 
     Same contract as ``jax.lax.ragged_dot``; ``w`` float (quantised here in BxB blocks per expert), E4M3 with
-    ``w_scale [E, ceil(K/B), ceil(N/B)]`` (no weight gradient), or an :class:`Fp8Experts` (its ``grad`` gets
+    ``w_scale [E, ceil(K/B), ceil(N/B)]`` (no weight gradient), or an :class:`Fp8Weight` (its ``grad`` gets
     the weight gradient).
     """
     group_sizes = group_sizes.astype(jnp.int32)
-    if isinstance(w, Fp8Experts):
+    if isinstance(w, Fp8Weight):
         return _grouped_q(recipe, _reductions(x, w.values), x, w.values, w.scales, w.grad, group_sizes)
     axes = _reductions(x, w)
     if w_scale is None:
@@ -406,7 +354,7 @@ def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _gate_up(recipe, axes, x, gate: Fp8Experts, up: Fp8Experts, group_sizes):
+def _gate_up(recipe, axes, x, gate: Fp8Weight, up: Fp8Weight, group_sizes):
     return _gate_up_fwd(recipe, axes, x, gate, up, group_sizes)[0]
 
 
@@ -423,7 +371,7 @@ def _gate_up_fwd(recipe, axes, x, gate, up, group_sizes):
         )
         for w in (gate, up)
     )
-    held = tuple((w.values, w.scales, _dtype_of(w.grad)) for w in (gate, up))
+    held = tuple((w.values, w.scales, sink_dtype(w.grad)) for w in (gate, up))
     return outs, (xq, sx, held, group_sizes, jnp.zeros((), x.dtype))
 
 
@@ -442,7 +390,7 @@ def _gate_up_bwd(recipe, axes, res, cts):
         transpose_b=True,
     )
     dws = tuple(
-        Fp8Experts(jnp.zeros_like(v), jnp.zeros_like(sw), _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], k))
+        Fp8Weight(jnp.zeros_like(v), jnp.zeros_like(sw), _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], k))
         for g, (v, sw, k) in zip(cts, held, strict=True)
     )
     return _reduce(dx, axes[0], x_dtype.dtype), *dws, _int_zero(group_sizes)
@@ -456,7 +404,7 @@ class GroupedMatmul:
 
     ``gmm(x, w, group_sizes)`` is :func:`fp8_ragged_dot`; ``gmm.pair(x, w_gate, w_up, group_sizes)`` both SwiGLU
     input projections of the same rows (:func:`dsjax.ops.moe.gate_and_up` uses it). ``w``: a float ``[E, K, N]``,
-    an ``(e4m3 [E, K, N], scales [E, K/B, N/B])`` pair (no weight gradient) or an :class:`Fp8Experts`. Where the
+    an ``(e4m3 [E, K, N], scales [E, K/B, N/B])`` pair (no weight gradient) or an :class:`Fp8Weight`. Where the
     grouped kernels run, the pair quantises ``x`` once for both and computes their input gradient ``g_gate .
     w_gate^T + g_up . w_up^T`` in one kernel pass (one ``[rows, K]`` result, not two to be added), float
     weights quantised by :func:`fp8_experts` (their gradients in the compute dtype); elsewhere it is the two
@@ -466,7 +414,7 @@ class GroupedMatmul:
         self.recipe = recipe
 
     def __call__(self, x, w, group_sizes):
-        if isinstance(w, tuple) and not isinstance(w, Fp8Experts):
+        if isinstance(w, tuple) and not isinstance(w, Fp8Weight):
             return fp8_ragged_dot(x, w[0], group_sizes, self.recipe, w_scale=w[1])
         return fp8_ragged_dot(x, w, group_sizes, self.recipe)
 
@@ -477,11 +425,11 @@ class GroupedMatmul:
         axes = _reductions(x, gate.values)
         return _gate_up(self.recipe, axes, x, gate, up, group_sizes.astype(jnp.int32))
 
-    def _experts(self, w, dtype) -> Fp8Experts:
-        if isinstance(w, Fp8Experts):
+    def _experts(self, w, dtype) -> Fp8Weight:
+        if isinstance(w, Fp8Weight):
             return w
         if isinstance(w, tuple):  # fp8-stored experts: no gradient
-            return Fp8Experts(*w, None)
+            return Fp8Weight(*w, None)
         return fp8_experts(w, self.recipe, dtype)
 
 

@@ -266,10 +266,10 @@ def _wgrad_kernel(xt_ref, sxt_ref, g_ref, o_ref, acc_ref, *, bm: int, bk: int, x
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _():
-        o_ref[...] = acc_ref[...]
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _wgrad_local(xq, sx, g, *, x_tiles, g_tiles):
+def _wgrad_local(xq, sx, g, *, x_tiles, g_tiles, out_dtype=jnp.float32):
     m, k = xq.shape
     n = g.shape[1]
     (mp, bm), (kp, bk), (np_, bn) = _tile(m), _tile(k), _tile(n)
@@ -289,7 +289,7 @@ def _wgrad_local(xq, sx, g, *, x_tiles, g_tiles):
             pl.BlockSpec((bm, bn), lambda i, j, s: (s, j)),
         ],
         out_specs=pl.BlockSpec((bk, bn), lambda i, j, s: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((kp, np_), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((kp, np_), out_dtype),
         scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(kp, mp, np_, nbytes),
@@ -342,9 +342,10 @@ def scaled_matmul(a, sa, bq, sb_cols, *, out_dtype=jnp.float32, tiles: TileRecip
     return _on_shards(local, (a, sa), (bq, sb_cols))
 
 
-def weight_grad(xq, sx, g, *, x_tiles: TileRecipe, g_tiles: TileRecipe):
-    """``x^T . g`` in fp32 with both operands re-tiled 128 x 1 along the tokens: ``xq [M, K]`` E4M3 with its
-    forward scales ``sx [M, K/128]`` (dequantised, then re-quantised with ``x_tiles``), ``g [M, N]`` float
-    (quantised with ``g_tiles``)."""
-    local = functools.partial(_wgrad_local, x_tiles=x_tiles, g_tiles=g_tiles)
+def weight_grad(xq, sx, g, *, x_tiles: TileRecipe, g_tiles: TileRecipe, out_dtype=jnp.float32):
+    """``x^T . g`` accumulated in fp32, in ``out_dtype``, with both operands re-tiled 128 x 1 along the tokens:
+    ``xq [M, K]`` E4M3 with its forward scales ``sx [M, K/128]`` (dequantised, then re-quantised with
+    ``x_tiles``), ``g [M, N]`` float (quantised with ``g_tiles``). Under a mesh each device's partial sum is
+    rounded to ``out_dtype`` before they are summed."""
+    local = functools.partial(_wgrad_local, x_tiles=x_tiles, g_tiles=g_tiles, out_dtype=out_dtype)
     return _on_shards(local, (xq, sx, g), tile=LANE, partial_sum=True)
