@@ -209,6 +209,18 @@ def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[None]:
         _WEIGHT_RULES.reset(token)
 
 
+def gathered_spec(spec: PartitionSpec) -> PartitionSpec:
+    """``spec`` without the mesh axes the ``batch`` rule splits tokens over: the layout of a weight that FSDP has
+    split over them once it is gathered for use (tensor-parallel axes stay)."""
+    batch = logical_to_spec(("batch",), DEFAULT_RULES, jax.sharding.get_abstract_mesh())[0]
+    batch = {batch} if isinstance(batch, str) else set(batch or ())
+    parts = []
+    for axes in spec:
+        kept = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a not in batch)
+        parts.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*parts)
+
+
 def weight_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
     """Where a weight of logical axes ``names`` and ``shape`` lies under the active mesh and the rules declared
     by :func:`use_mesh`; None when none were declared (or there is no mesh). For values derived from a weight

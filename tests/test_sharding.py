@@ -14,6 +14,7 @@ from dsjax.sharding import (
     FSDP_RULES,
     batch_row_axes,
     free_axes,
+    gathered_spec,
     logical_to_spec,
     make_mesh,
     state_shardings,
@@ -57,6 +58,11 @@ def test_use_mesh_declares_the_weights_rules_while_it_lasts():
             assert weight_spec(axes, shape) == P("expert", None, None)
         assert weight_spec(axes, shape) == P("expert", "data", None)
     assert weight_spec(axes, shape) is None and jax.sharding.get_abstract_mesh().empty
+    # gathered for use: the token axes FSDP split a weight over go, tensor-parallel ones stay
+    with jax.set_mesh(make_mesh(data=2, expert=2, model=2)):
+        assert gathered_spec(P(("data", "expert"), "model")) == P(None, "model")
+        assert gathered_spec(P("expert", "data", None)) == P(None, None, None)
+        assert gathered_spec(P(("model", "data"))) == P("model")
 
 
 @pytest.mark.parametrize("dispatch", ["ragged", "blocked", "ep"])

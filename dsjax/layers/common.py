@@ -14,7 +14,7 @@ from dsjax.config import Fp8Recipe
 from dsjax.ops.fp8 import dequantize_blocks, fp8_matmul, fp8_weight, quantize_blocks
 from dsjax.ops.moe import swiglu
 from dsjax.ops.norm import rms_norm
-from dsjax.sharding import weight_spec
+from dsjax.sharding import gathered_spec, weight_spec
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -78,7 +78,8 @@ def project(x, w, scale, *, n_in: int, fp8: Fp8Recipe | None, axes: tuple[str, .
     lead = x.shape[: x.ndim - n_in]
     w2 = _as_matrix(w, n_in)
     if scale is None:
-        w2 = fp8_weight(w2, fp8, x.dtype, _matrix_spec(axes, w.shape, n_in))
+        spec = _matrix_spec(axes, w.shape, n_in)
+        w2 = fp8_weight(w2, fp8, x.dtype, spec, gathered=None if spec is None else gathered_spec(spec))
     y = fp8_matmul(x.reshape(*lead, math.prod(w.shape[:n_in])), w2, fp8, scale)
     return y.reshape(*lead, *w.shape[n_in:])
 
