@@ -28,7 +28,9 @@ parallelism, or unpartitioned; ``blocked`` elsewhere). ``auto`` is ``pallas`` wh
 The grouped version for the experts, ``fp8_ragged_dot``, is :mod:`dsjax.ops.fp8_grouped`.
 
 ``fp8_matmul`` accepts weights that are already fp8 (``w_scale`` given, e.g. loaded from an FP8 checkpoint);
-then only the input gradient flows.
+then only the input gradient flows. Or float weights quantised ahead, :func:`fp8_weight`'s :class:`Fp8Weight`
+(E4M3 values, scales and a gradient sink): on their own shards under a mesh, so that the gathers move E4M3, with
+the gradient returned through the sink in ``Fp8Recipe.wgrad_dtype``.
 """
 
 from __future__ import annotations
