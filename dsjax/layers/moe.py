@@ -124,7 +124,7 @@ class MoE(nnx.Module):
             else:
                 kwargs["gmm"] = grouped_matmul(fp8)
                 # Quantised here, on their shards: expert parallelism then gathers E4M3 (1 byte a value, the
-                # bf16 path gathers 2), their gradients coming back in the compute dtype through `grad`.
+                # bf16 path gathers 2), their gradients coming back through `grad` (in fp8.wgrad_dtype).
                 weights = [
                     (w, s) if s is not None else fp8_experts(w, fp8, x_md.dtype, weight_spec(axes, w.shape))
                     for (w, s), axes in zip(experts, (_UP_AXES, _UP_AXES, _DOWN_AXES), strict=True)
