@@ -407,7 +407,7 @@ class GroupedMatmul:
     an ``(e4m3 [E, K, N], scales [E, K/B, N/B])`` pair (no weight gradient) or an :class:`Fp8Weight`. Where the
     grouped kernels run, the pair quantises ``x`` once for both and computes their input gradient ``g_gate .
     w_gate^T + g_up . w_up^T`` in one kernel pass (one ``[rows, K]`` result, not two to be added), float
-    weights quantised by :func:`fp8_experts` (their gradients in the compute dtype); elsewhere it is the two
+    weights quantised by :func:`fp8_experts` (their gradients in ``wgrad_dtype``); elsewhere it is the two
     GEMMs."""
 
     def __init__(self, recipe: Fp8Recipe):
