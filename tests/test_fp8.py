@@ -421,6 +421,24 @@ def test_weights_quantised_on_shards_narrower_than_a_block(pow2):
             assert got[0].sharding.is_equivalent_to(jax.NamedSharding(mesh, spec), 2), (axes, got[0].sharding)
 
 
+def test_vmapped_fp8_gemms_keep_each_weights_gradient():
+    """``blocked_matmul`` vmaps ``fp8_matmul`` over blocks of rows, each with its expert's float weight
+    (gathered, so one expert serves several blocks): its values and gradients equal one GEMM per block. (A
+    weight's gradient sink that did not depend on the weight was unbatched under vmap, and every block's
+    gradient was handed to each of them: the expert weights' gradients came out 2x too large.)"""
+    r = recipe()
+    x = jnp.asarray(activations(80, (3, 16, 256)))
+    w = jnp.asarray(activations(81, (2, 256, 128)) * 0.02)
+    block_expert = jnp.array([0, 1, 1])
+    bmm = fp8_grouped.blocked_matmul(r)
+
+    def per_block(x, w):
+        return jnp.stack([fp8.fp8_matmul(x[i], w[block_expert[i]], r) for i in range(3)])
+
+    grads = lambda f: jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w))), (0, 1))(x, w)
+    assert_close(grads(lambda x, w: bmm(x, w, block_expert)), grads(per_block))
+
+
 @pytest.mark.parametrize("backend", ["blocked", "pallas"])
 def test_weight_gradients_in_the_compute_dtype(backend):
     """``wgrad_dtype="compute"``: the GEMMs give weight gradients in the compute dtype (bf16 here), the dense

@@ -239,11 +239,6 @@ def _forward(xq, sx, wq, sw, recipe: Fp8Recipe, dtype):
     return gemm(xq, sx, wq, sw, col_block=recipe.block, recipe=recipe).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _linear(recipe, axes, x, w):
-    return _linear_fwd(recipe, axes, x, w)[0]
-
-
 def _quantize_activations(x, recipe: Fp8Recipe):
     """:func:`quantize_rows` of ``x [M, K]``; with the Pallas kernels, tile by tile in VMEM (same values)."""
     if uses_pallas(recipe):
@@ -251,30 +246,14 @@ def _quantize_activations(x, recipe: Fp8Recipe):
     return quantize_rows(x, recipe)
 
 
-def _linear_fwd(recipe, axes, x, w):
-    xq, sx = _quantize_activations(x, recipe)
-    wq, sw = quantize_blocks(w, recipe)
-    y = _forward(xq, sx, wq, sw, recipe, x.dtype)
-    return y, (xq, sx, wq, sw, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
-
-
-def _linear_bwd(recipe, axes, res, g):
-    xq, sx, wq, sw, x_dtype, w_dtype = res
-    dx = _dgrad(g, wq, sw, recipe, _dgrad_dtype(axes[0], x_dtype.dtype))
-    dw = _wgrad(xq, sx, g, recipe, wgrad_dtype(recipe, x_dtype.dtype))
-    return _reduce(dx, axes[0], x_dtype.dtype), _reduce(dw, axes[1], w_dtype.dtype)
-
-
-_linear.defvjp(_linear_fwd, _linear_bwd)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _linear_q(recipe, axes, x, wq, sw, sink):
-    return _linear_q_fwd(recipe, axes, x, wq, sw, sink)[0]
+def _linear(recipe, axes, x, wq, sw, sink):
+    return _linear_fwd(recipe, axes, x, wq, sw, sink)[0]
 
 
-def _linear_q_fwd(recipe, axes, x, wq, sw, sink):
-    """E4M3 weights: no weight gradient (nothing of ``x`` kept), or with a gradient ``sink`` (:class:`Fp8Weight`)."""
+def _linear_fwd(recipe, axes, x, wq, sw, sink):
+    """Weights quantised ahead (:class:`Fp8Weight`): the weight gradient goes to ``sink``; without one (E4M3
+    weights as stored) there is none, and nothing of ``x`` is kept."""
     xq, sx = _quantize_activations(x, recipe)
     y = _forward(xq, sx, wq, sw, recipe, x.dtype)
     if sink is None:
@@ -282,14 +261,14 @@ def _linear_q_fwd(recipe, axes, x, wq, sw, sink):
     return y, (xq, sx, wq, sw, sink_dtype(sink), jnp.zeros((), x.dtype))
 
 
-def _linear_q_bwd(recipe, axes, res, g):
+def _linear_bwd(recipe, axes, res, g):
     xq, sx, wq, sw, grad_dtype, x_dtype = res
     dx = _dgrad(g, wq, sw, recipe, _dgrad_dtype(axes[0], x_dtype.dtype))
     dw = None if grad_dtype is None else _reduce(_wgrad(xq, sx, g, recipe, grad_dtype.dtype), axes[1], grad_dtype.dtype)
     return _reduce(dx, axes[0], x_dtype.dtype), jnp.zeros_like(wq), jnp.zeros_like(sw), dw
 
 
-_linear_q.defvjp(_linear_q_fwd, _linear_q_bwd)
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def sink_dtype(sink):
@@ -310,7 +289,9 @@ class Fp8Weight(NamedTuple):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _gradient_sink(w, dtype):
-    return jnp.zeros(w.shape, dtype)
+    # Zeros that depend on w: under vmap a constant would be one unbatched sink, and every batch element's
+    # gradient would be summed into it and handed to each of them (nothing reads the value; XLA drops it).
+    return (w * 0).astype(dtype)
 
 
 def _gradient_sink_fwd(w, dtype):
@@ -346,15 +327,14 @@ def fp8_weight(
     activations instead (the V3 layer step on H200 did, 18.9 -> 32.1 GiB). ``quantize``: the quantiser
     (:func:`quantize_blocks` by default)."""
     split = _split_within_blocks(w.shape, spec, recipe.block) if spec is not None and free_axes() else None
-    if split is None:
-        values, scales = (quantize or quantize_blocks)(w, recipe)
-    elif split == ():  # every shard holds whole blocks
-        values, scales = (quantize or quantize_blocks)(w, recipe)
-        values = jax.lax.with_sharding_constraint(values, spec)
-        scales = jax.lax.with_sharding_constraint(scales, spec)
-    else:  # shards narrower than a block along one axis (a V3 projection over 64 chips: 7168 / 64 = 112 columns)
+    if split:  # shards narrower than a block along one axis (a V3 projection over 64 chips: 7168 / 64 = 112 columns)
         values, scales = _quantize_blocks_split(w, recipe, split[0])
         values = jax.lax.with_sharding_constraint(values, spec)
+    else:
+        values, scales = (quantize or quantize_blocks)(w, recipe)
+        if split == ():  # every shard holds whole blocks
+            values = jax.lax.with_sharding_constraint(values, spec)
+            scales = jax.lax.with_sharding_constraint(scales, spec)
     if split is not None and gathered is not None:
         values = jax.lax.with_sharding_constraint(values, gathered)
         scales = jax.lax.with_sharding_constraint(scales, gathered)
@@ -401,15 +381,10 @@ def fp8_matmul(x, w, recipe: Fp8Recipe, w_scale=None):
     ``w_scale [ceil(K/B), ceil(N/B)]`` block scales (no weight gradient), or an :class:`Fp8Weight`.
     """
     *lead, k = x.shape
-    weight = w.values if isinstance(w, Fp8Weight) else w
-    if weight.ndim != 2 or weight.shape[0] != k:
-        raise ValueError(f"fp8_matmul: x {x.shape} and w {weight.shape} do not contract (w must be [K, N])")
+    if not isinstance(w, Fp8Weight):
+        w = fp8_weight(w, recipe, x.dtype) if w_scale is None else Fp8Weight(w, w_scale, None)
+    if w.values.ndim != 2 or w.values.shape[0] != k:
+        raise ValueError(f"fp8_matmul: x {x.shape} and w {w.values.shape} do not contract (w must be [K, N])")
     x2 = x.reshape(-1, k)
-    axes = _reductions(x2, weight)
-    if isinstance(w, Fp8Weight):
-        y = _linear_q(recipe, axes, x2, w.values, w.scales, w.grad)
-    elif w_scale is None:
-        y = _linear(recipe, axes, x2, w)
-    else:
-        y = _linear_q(recipe, axes, x2, w, w_scale, None)
-    return y.reshape(*lead, weight.shape[1])
+    y = _linear(recipe, _reductions(x2, w.values), x2, w.values, w.scales, w.grad)
+    return y.reshape(*lead, w.values.shape[1])

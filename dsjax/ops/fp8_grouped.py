@@ -42,7 +42,6 @@ from dsjax.ops.fp8 import (
     sink_dtype,
     tile_scale,
     uses_pallas,
-    wgrad_dtype,
 )
 from dsjax.sharding import free_axes
 
@@ -228,11 +227,6 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float
     return acc.astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _grouped(recipe, axes, x, w, group_sizes):
-    return _grouped_fwd(recipe, axes, x, w, group_sizes)[0]
-
-
 def _quantize_experts(w, recipe: Fp8Recipe):
     """:func:`quantize_blocks` of ``w [E, K, N]`` one expert at a time (the same values; the fp32 copies it
     makes are one expert's, not all of them: 4.5x the bf16 weights on v5p when done at once)."""
@@ -256,12 +250,6 @@ def _grouped_forward(x, wq, sw, group_sizes, recipe: Fp8Recipe):
 
     width = max(x.shape[1], wq.shape[2])
     return _over_row_chunks(rows, (x,), group_sizes, _row_chunk(x.shape[0], width, recipe.block))
-
-
-def _grouped_fwd(recipe, axes, x, w, group_sizes):
-    wq, sw = _quantize_experts(w, recipe)
-    y, xq, sx = _grouped_forward(x, wq, sw, group_sizes, recipe)
-    return y, (xq, sx, wq, sw, group_sizes, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
 def _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes, dtype):
@@ -288,22 +276,12 @@ def _int_zero(group_sizes):
     return np.zeros(group_sizes.shape, jax.dtypes.float0)
 
 
-def _grouped_bwd(recipe, axes, res, g):
-    xq, sx, wq, sw, group_sizes, x_dtype, w_dtype = res
-    dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
-    dw = _ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=wgrad_dtype(recipe, x_dtype.dtype))
-    return dx, _reduce(dw, axes[1], w_dtype.dtype), _int_zero(group_sizes)
-
-
-_grouped.defvjp(_grouped_fwd, _grouped_bwd)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _grouped_q(recipe, axes, x, wq, sw, sink, group_sizes):
-    return _grouped_q_fwd(recipe, axes, x, wq, sw, sink, group_sizes)[0]
+def _grouped(recipe, axes, x, wq, sw, sink, group_sizes):
+    return _grouped_fwd(recipe, axes, x, wq, sw, sink, group_sizes)[0]
 
 
-def _grouped_q_fwd(recipe, axes, x, wq, sw, sink, group_sizes):
+def _grouped_fwd(recipe, axes, x, wq, sw, sink, group_sizes):
     """Pre-quantised experts: E4M3 with no weight gradient (nothing of ``x`` kept), or with a gradient ``sink``
     (:class:`Fp8Weight`: the dequantised weight's gradient, in the sink's dtype)."""
     y, xq, sx = _grouped_forward(x, wq, sw, group_sizes, recipe)
@@ -320,14 +298,14 @@ def _weight_grad(xq, sx, g, group_sizes, recipe, axes, grad_dtype):
     return _reduce(_ragged_wgrad(xq, sx, g, group_sizes, recipe, out_dtype=dtype), axes, dtype)
 
 
-def _grouped_q_bwd(recipe, axes, res, g):
+def _grouped_bwd(recipe, axes, res, g):
     xq, sx, wq, sw, grad_dtype, group_sizes, x_dtype = res
     dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
     dw = _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], grad_dtype)
     return dx, jnp.zeros_like(wq), jnp.zeros_like(sw), dw, _int_zero(group_sizes)
 
 
-_grouped_q.defvjp(_grouped_q_fwd, _grouped_q_bwd)
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def fp8_experts(w, recipe: Fp8Recipe, dtype, spec: PartitionSpec | None = None) -> Fp8Weight:
@@ -344,13 +322,10 @@ def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
     ``w_scale [E, ceil(K/B), ceil(N/B)]`` (no weight gradient), or an :class:`Fp8Weight` (its ``grad`` gets
     the weight gradient).
     """
-    group_sizes = group_sizes.astype(jnp.int32)
-    if isinstance(w, Fp8Weight):
-        return _grouped_q(recipe, _reductions(x, w.values), x, w.values, w.scales, w.grad, group_sizes)
-    axes = _reductions(x, w)
-    if w_scale is None:
-        return _grouped(recipe, axes, x, w, group_sizes)
-    return _grouped_q(recipe, axes, x, w, w_scale, None, group_sizes)
+    if not isinstance(w, Fp8Weight):
+        w = fp8_experts(w, recipe, x.dtype) if w_scale is None else Fp8Weight(w, w_scale, None)
+    axes = _reductions(x, w.values)
+    return _grouped(recipe, axes, x, w.values, w.scales, w.grad, group_sizes.astype(jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -414,9 +389,7 @@ class GroupedMatmul:
         self.recipe = recipe
 
     def __call__(self, x, w, group_sizes):
-        if isinstance(w, tuple) and not isinstance(w, Fp8Weight):
-            return fp8_ragged_dot(x, w[0], group_sizes, self.recipe, w_scale=w[1])
-        return fp8_ragged_dot(x, w, group_sizes, self.recipe)
+        return fp8_ragged_dot(x, self._experts(w, x.dtype), group_sizes, self.recipe)
 
     def pair(self, x, w_gate, w_up, group_sizes):
         if not _grouped_kernels(self.recipe):
