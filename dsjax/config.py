@@ -92,7 +92,10 @@ class Fp8Recipe:
     DeepSeek's kernels, the default); ``reference`` dequantises both operands and does one fp32 dot (the oracle);
     ``pallas`` runs the GEMMs as Pallas TPU kernels with ``blocked``'s numerics (the dense ones always, the
     routed experts' grouped ones where each device has its own rows, as under expert parallelism; interpreted
-    off TPU; ``block`` must be 128), ``auto`` picks ``pallas`` when compiling for TPU and ``blocked`` elsewhere.
+    off TPU; ``block`` must be 128), ``auto`` picks ``pallas`` when compiling for TPU, on GPU the Mosaic-GPU FP8
+    kernels of :mod:`dsjax.ops.fp8_gpu` (``blocked``'s numerics: E4M3 ``wgmma``, promoted every 128 of the
+    contraction; dense GEMMs per device, the routed experts' grouped ones inside expert parallelism; widths off
+    128-wide tiles stay ``blocked``), and ``blocked`` elsewhere.
     ``wgrad_dtype``: the weight gradients as the GEMMs give them, and as they are summed over devices:
     ``float32`` (DeepSeek's recipe) or ``compute`` (the compute dtype, e.g. bf16, as the bf16 step's dot
     gives them: half the bytes in the reductions and the scanned layers' gradient buffers; the partial

@@ -94,15 +94,15 @@ def test_batched_matmul_with_grad_on_gpu(h200):
     assert analyse_hlo(compiled.as_text()).matmul_flops == pytest.approx(3 * 2 * n * b * d * f / 8, rel=0.05)
 
 
-def _expert_ffn_hlo(h200, data=2, expert=4, dispatch="auto"):
-    """Optimised HLO of a one-MoE-layer bf16 train step on ``data x expert`` of the host's GPUs (default 2 x 4:
-    2 local experts of 128 x 128 per GPU)."""
+def _expert_ffn_hlo(h200, data=2, expert=4, dispatch="auto", fp8=None):
+    """Optimised HLO of a one-MoE-layer bf16 (or ``fp8`` recipe) train step on ``data x expert`` of the host's
+    GPUs (default 2 x 4: 2 local experts of 128 x 128 per GPU)."""
     # Layer 0 dense, layer 1 MoE. Head dims of 32 and LoRA ranks of 64: with tiny's 16 and 32, XLA's GPU
     # compiler finds no tiling for an input-gradient dot of the one-GPU program ("Couldn't find output tile
     # sizes", with or without the grouped GEMMs; V2-Lite's 128 / 512 compile and run on an H200).
     cfg = ModelConfig.tiny(
         hidden_size=128, moe_intermediate_size=128, num_hidden_layers=2, num_nextn_predict_layers=0,
-        q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, fp8=fp8,
     )  # fmt: skip
     mesh = make_mesh(data, expert, h200.devices)
     tc = TrainConfig(compute_dtype="bfloat16", dispatch=dispatch)
@@ -147,6 +147,58 @@ def test_gpu_meshes_without_an_expert_axis_run_the_grouped_gemms(h200, data, exp
     text = _expert_ffn_hlo(h200, data, expert, dispatch)
     assert text.count('custom_call_target="mosaic_gpu_v2"') == 9
     assert _ragged_dot_matmuls(text) == []
+
+
+@pytest.mark.slow
+def test_fp8_expert_ffn_runs_the_fp8_mosaic_gpu_kernels(h200):
+    """``fp8.backend: auto`` on a GPU mesh: the routed experts' grouped GEMMs inside expert parallelism are
+    ``dsjax.ops.fp8_gpu``'s kernels (3 for the forward, the SwiGLU pair sharing its quantised input; 5 for the
+    backward, the pair's input gradient in one accumulator), ptxas builds them for sm_90a, and none of the
+    dense matmuls over every local expert that XLA makes of the ``blocked`` backend's ``ragged_dot``s is left."""
+    from dsjax.config import Fp8Recipe
+
+    text = _expert_ffn_hlo(h200, fp8=Fp8Recipe(backend="auto"))
+    assert text.count('custom_call_target="mosaic_gpu_v2"') >= 8
+    assert _ragged_dot_matmuls(text) == []
+    text = _expert_ffn_hlo(h200, fp8=Fp8Recipe())
+    assert "mosaic_gpu_v2" not in text and _ragged_dot_matmuls(text)
+
+
+def test_fp8_gpu_kernels_flops_counted_from_their_operands(h200):
+    """The FP8 kernels state no cost: the HLO count takes a GEMM's ``2 m k n`` from the operand shapes, the
+    weight gradient's over its padded token tiles (``(m / 128 + E) x 128`` tokens for a grouped one)."""
+    from dsjax.config import Fp8Recipe
+    from dsjax.ops.fp8 import fp8_matmul
+    from dsjax.ops.fp8_grouped import fp8_ragged_dot
+
+    one = Mesh(np.array(h200.devices[:1]).reshape(1, 1), ("data", "expert"))
+    m, k, n, e = 1024, 256, 384, 4
+    x, g = _abstract(one, (m, k), (None, None)), _abstract(one, (m, n), (None, None))
+    sizes = jnp.asarray([300, 0, 500, 100], jnp.int32)
+    recipe = Fp8Recipe(backend="auto")
+    cases = [
+        (lambda x, w: fp8_matmul(x, w, recipe), (k, n), 3 * 2 * m * k * n),
+        # the grouped kernels run where the rows are the device's own: inside a shard_map, as expert parallelism
+        (
+            jax.shard_map(
+                lambda x, w: fp8_ragged_dot(x, w, sizes, recipe), mesh=one, in_specs=P(), out_specs=P(), check_vma=False
+            ),
+            (e, k, n),
+            2 * 2 * m * k * n + 2 * k * n * (m + e * 128),
+        ),
+    ]
+    for gemm, w_shape, flops in cases:
+        w = _abstract(one, w_shape, (None,) * len(w_shape))
+
+        def step(x, w, g, gemm=gemm):
+            y, pullback = jax.vjp(gemm, x, w)
+            return y, *pullback(g)
+
+        with jax.set_mesh(one):
+            text = jax.jit(step).lower(x, w, g).compile().as_text()
+        assert text.count('custom_call_target="mosaic_gpu_v2"') == 3
+        counts = analyse_hlo(text)
+        assert counts.matmul_flops == pytest.approx(flops, rel=0.01)
 
 
 def test_v3_decode_on_h200_compiles_to_the_model_flops(h200):

@@ -7,7 +7,7 @@ from flax import nnx
 from dsjax.config import Fp8Recipe, ModelConfig, Numerics
 from dsjax.layers.common import MLP, RoutingBias, float_weight, param, projection, weight_and_scale
 from dsjax.ops.ep import moe_expert_parallel
-from dsjax.ops.fp8 import uses_pallas
+from dsjax.ops.fp8 import uses_gpu_kernels, uses_pallas
 from dsjax.ops.fp8_grouped import blocked_matmul, fp8_experts, grouped_matmul
 from dsjax.ops.gpu_gmm import gpu_gmm, gpu_gmm_supported
 from dsjax.ops.moe import megablox_gmm, moe_blocked, moe_dense, moe_ragged
@@ -129,7 +129,8 @@ class MoE(nnx.Module):
                     (w, s) if s is not None else fp8_experts(w, fp8, x_md.dtype, weight_spec(axes, w.shape))
                     for (w, s), axes in zip(experts, (_UP_AXES, _UP_AXES, _DOWN_AXES), strict=True)
                 ]
-                if dispatch == "ep" and uses_pallas(fp8):  # Pallas outputs carry no replication type
+                # Pallas (TPU) and Mosaic-GPU kernels' outputs carry no replication type
+                if dispatch == "ep" and (uses_pallas(fp8) or uses_gpu_kernels(fp8)):
                     kwargs["check_vma"] = False
         else:
             weights = [float_weight(w, s, x_md.dtype, n_in=1, n_lead=1) for w, s in experts]

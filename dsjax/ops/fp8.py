@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from dsjax.config import Fp8Recipe
-from dsjax.ops import fp8_pallas
+from dsjax.ops import fp8_gpu, fp8_pallas
 from dsjax.sharding import active_platform, free_axes, varying_axes
 
 E4M3 = jnp.float8_e4m3fn
@@ -191,6 +191,17 @@ def uses_pallas(recipe: Fp8Recipe) -> bool:
     return recipe.backend == "pallas"
 
 
+def uses_gpu_kernels(recipe: Fp8Recipe) -> bool:
+    """Whether the recipe runs :mod:`dsjax.ops.fp8_gpu`'s Mosaic-GPU kernels: ``auto`` on GPU (``block`` 128).
+    The dense GEMMs run them per device under a mesh, the routed experts' grouped ones where the rows are the
+    device's own (:mod:`dsjax.ops.fp8_grouped`); widths off the 128-wide tiles stay ``blocked``."""
+    return recipe.backend == "auto" and recipe.block == fp8_gpu.BLOCK and active_platform() == "gpu"
+
+
+def _gpu_dense(recipe: Fp8Recipe, k: int, n: int) -> bool:
+    return uses_gpu_kernels(recipe) and fp8_gpu.supported(k, n)
+
+
 def _kernel_tiles(recipe: Fp8Recipe) -> fp8_pallas.TileRecipe:
     return fp8_pallas.TileRecipe(amax_floor=recipe.amax_floor, pow2=recipe.pow2_scales)
 
@@ -211,6 +222,13 @@ def _wgrad(xq, sx, g, recipe: Fp8Recipe, out_dtype=jnp.float32):
         tiles = _kernel_tiles(recipe)
         g_tiles = _kernel_tiles(_grad_recipe(recipe))
         return fp8_pallas.weight_grad(xq, sx, g, x_tiles=tiles, g_tiles=g_tiles, out_dtype=out_dtype)
+    if _gpu_dense(recipe, xq.shape[1], g.shape[1]):
+
+        def retile(xq, sx, g):  # [K, M] and [N, M] in 1 x B tiles along the tokens, on each device's rows
+            x = dequantize_rows(xq, sx, recipe.block)
+            return (*quantize_rows(x.T, recipe), *quantize_rows(g.T, _grad_recipe(recipe)))
+
+        return fp8_gpu.weight_grad(retile, xq, sx, g, out_dtype=out_dtype)
     x = dequantize_rows(xq, sx, recipe.block)
     xtq, sxt = quantize_rows(x.T, recipe)  # [K, M], tiles along M
     gtq, sgt = quantize_rows(g.T, _grad_recipe(recipe))  # [N, M]
@@ -224,6 +242,8 @@ def _dgrad(g, wq, sw, recipe: Fp8Recipe, dtype=jnp.float32):
         tiles = _kernel_tiles(_grad_recipe(recipe))
         return fp8_pallas.scaled_matmul(g, None, wq.T, sw_cols, out_dtype=dtype, tiles=tiles)
     gq, sg = quantize_rows(g, _grad_recipe(recipe))
+    if _gpu_dense(recipe, *wq.shape):  # w as it is: for dx = g . w^T its contraction is already last
+        return fp8_gpu.matmul(gq, sg, wq, sw.T, out_dtype=dtype)
     return gemm(gq, sg, wq.T, sw.T, col_block=recipe.block, recipe=recipe)
 
 
@@ -236,6 +256,8 @@ def _forward(xq, sx, wq, sw, recipe: Fp8Recipe, dtype):
     """``y = x . w`` in ``dtype`` from x's 1xB tiles and w's BxB blocks."""
     if uses_pallas(recipe):
         return fp8_pallas.scaled_matmul(xq, sx, wq, _column_scales(sw, wq.shape[1], recipe.block), out_dtype=dtype)
+    if _gpu_dense(recipe, *wq.shape):  # w^T: E4M3 operands go to wgmma with the contraction last
+        return fp8_gpu.matmul(xq, sx, wq.astype(E4M3).T, sw, out_dtype=dtype)
     return gemm(xq, sx, wq, sw, col_block=recipe.block, recipe=recipe).astype(dtype)
 
 

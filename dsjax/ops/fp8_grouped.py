@@ -5,7 +5,8 @@ differentiable: ``fp8_ragged_dot`` -- rows sorted by expert, ``w [E, K, N]`` wit
 The weight gradient tiles the tokens ``B x 1`` in the batch's aligned ``B``-row tiles split at expert boundaries
 (:func:`_expert_tiles`), so a tile never mixes two experts' tokens. Backends as in :mod:`dsjax.ops.fp8`;
 ``pallas`` runs :mod:`dsjax.ops.fp8_grouped_pallas`'s kernels where the rows are the device's own (inside expert
-parallelism, or unpartitioned) and ``blocked`` elsewhere. Expert weights may be float (quantised here), E4M3
+parallelism, or unpartitioned) and ``blocked`` elsewhere; ``auto`` on GPU runs :mod:`dsjax.ops.fp8_gpu`'s
+Mosaic-GPU kernels there (:func:`dsjax.ops.fp8.uses_gpu_kernels`). Expert weights may be float (quantised here), E4M3
 with their scales (no weight gradient), or quantised ahead with a gradient sink (:func:`fp8_experts`).
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from dsjax.config import Fp8Recipe
-from dsjax.ops import fp8_grouped_pallas, fp8_pallas
+from dsjax.ops import fp8_gpu, fp8_grouped_pallas, fp8_pallas
 from dsjax.ops.fp8 import (
     _HIGHEST,
     E4M3,
@@ -41,6 +42,7 @@ from dsjax.ops.fp8 import (
     quantize_rows,
     sink_dtype,
     tile_scale,
+    uses_gpu_kernels,
     uses_pallas,
 )
 from dsjax.sharding import free_axes
@@ -52,6 +54,12 @@ def _grouped_kernels(recipe: Fp8Recipe) -> bool:
     ``shard_map``). A grouped kernel cannot be split by rows like the dense ones (the groups are the batch's);
     elsewhere the grouped GEMMs stay ``blocked`` (same tiles, same values)."""
     return uses_pallas(recipe) and not free_axes()
+
+
+def _gpu_kernels(recipe: Fp8Recipe, k: int, n: int) -> bool:
+    """:func:`dsjax.ops.fp8.uses_gpu_kernels`, here: no mesh axis left to split and an ``[., k] x [E, k, n]``
+    GEMM the kernels' 128-wide tiles fit (else ``blocked``, the same values)."""
+    return uses_gpu_kernels(recipe) and not free_axes() and fp8_gpu.supported(k, n)
 
 
 def _row_experts(group_sizes, rows: int):
@@ -190,6 +198,10 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float
         g_tiles, sgt = tile_quantize(g[rows].astype(jnp.float32), valid, _grad_recipe(recipe))
         return x_tiles, sxt, g_tiles, sgt
 
+    if _gpu_kernels(recipe, k, n):  # all tiles re-tiled by XLA, tokens last (K-major for the E4M3 wgmma)
+        x_tiles, sxt, g_tiles, sgt = retiled(rows, valid)
+        xt, gt = (t.transpose(2, 0, 1).reshape(t.shape[2], -1) for t in (x_tiles, g_tiles))
+        return fp8_gpu.grouped_weight_grad(xt, sxt, gt, sgt, tiles_per, out_dtype=out_dtype)
     if recipe.backend == "reference":
         x_tiles, sxt, g_tiles, sgt = retiled(rows, valid)
         x = (x_tiles.astype(jnp.float32) * sxt[:, None, :]).reshape(-1, k)
@@ -242,6 +254,10 @@ def _grouped_forward(x, wq, sw, group_sizes, recipe: Fp8Recipe):
         xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))
         sw_cols = _expert_column_scales(sw, wq.shape[2], recipe.block)
         return fp8_grouped_pallas.grouped_matmul(xq, sx, wq, sw_cols, group_sizes, out_dtype=x.dtype), xq, sx
+    if _gpu_kernels(recipe, *wq.shape[1:]):  # w^T: the kernels take E4M3 operands with the contraction last
+        xq, sx = quantize_rows(x, recipe)
+        y = fp8_gpu.grouped_matmul(xq, sx, wq.transpose(0, 2, 1), sw, group_sizes, out_dtype=x.dtype)
+        return y, xq, sx
 
     def rows(xc, gs):
         xq, sx = quantize_rows(xc, recipe)
@@ -261,6 +277,10 @@ def _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes, dtype):
         dx = fp8_grouped_pallas.grouped_matmul(
             g, None, wq, sw_cols, group_sizes, out_dtype=chunk_dtype, tiles=tiles, transpose_b=True
         )
+        return _reduce(dx, axes, dtype)
+    if _gpu_kernels(recipe, *wq.shape[1:]):  # w as it is: for dx = g . w^T its contraction is already last
+        gq, sg = quantize_rows(g, _grad_recipe(recipe))
+        dx = fp8_gpu.grouped_matmul(gq, sg, wq, sw.transpose(0, 2, 1), group_sizes, out_dtype=chunk_dtype)
         return _reduce(dx, axes, dtype)
     wt, swt = wq.astype(E4M3).transpose(0, 2, 1), sw.transpose(0, 2, 1)
 
@@ -334,18 +354,26 @@ def _gate_up(recipe, axes, x, gate: Fp8Weight, up: Fp8Weight, group_sizes):
 
 
 def _gate_up_fwd(recipe, axes, x, gate, up, group_sizes):
-    xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))  # once for both projections (and both gradients)
-    outs = tuple(
-        fp8_grouped_pallas.grouped_matmul(
-            xq,
-            sx,
-            w.values,
-            _expert_column_scales(w.scales, w.values.shape[2], recipe.block),
-            group_sizes,
-            out_dtype=x.dtype,
+    gpu = _gpu_kernels(recipe, *gate.values.shape[1:])
+    # x quantised once for both projections (and both weight gradients)
+    xq, sx = quantize_rows(x, recipe) if gpu else fp8_pallas.quantize(x, _kernel_tiles(recipe))
+    if gpu:
+        outs = tuple(
+            fp8_gpu.grouped_matmul(xq, sx, w.values.transpose(0, 2, 1), w.scales, group_sizes, out_dtype=x.dtype)
+            for w in (gate, up)
         )
-        for w in (gate, up)
-    )
+    else:
+        outs = tuple(
+            fp8_grouped_pallas.grouped_matmul(
+                xq,
+                sx,
+                w.values,
+                _expert_column_scales(w.scales, w.values.shape[2], recipe.block),
+                group_sizes,
+                out_dtype=x.dtype,
+            )
+            for w in (gate, up)
+        )
     held = tuple((w.values, w.scales, sink_dtype(w.grad)) for w in (gate, up))
     return outs, (xq, sx, held, group_sizes, jnp.zeros((), x.dtype))
 
@@ -353,17 +381,21 @@ def _gate_up_fwd(recipe, axes, x, gate, up, group_sizes):
 def _gate_up_bwd(recipe, axes, res, cts):
     xq, sx, held, group_sizes, x_dtype = res
     b = recipe.block
-    terms = [
-        (g, None, v, _expert_column_scales(sw.transpose(0, 2, 1), v.shape[1], b))
-        for g, (v, sw, _) in zip(cts, held, strict=True)
-    ]
-    dx = fp8_grouped_pallas.grouped_matmul_sum(
-        terms,
-        group_sizes,
-        out_dtype=_dgrad_dtype(axes[0], x_dtype.dtype),
-        tiles=_kernel_tiles(_grad_recipe(recipe)),
-        transpose_b=True,
-    )
+    dx_dtype = _dgrad_dtype(axes[0], x_dtype.dtype)
+    if _gpu_kernels(recipe, *held[0][0].shape[1:]):  # g_gate . w_gate^T + g_up . w_up^T in one accumulator
+        terms = [
+            (*quantize_rows(g, _grad_recipe(recipe)), v, sw.transpose(0, 2, 1))
+            for g, (v, sw, _) in zip(cts, held, strict=True)
+        ]
+        dx = fp8_gpu.grouped_matmul_sum(terms, group_sizes, out_dtype=dx_dtype)
+    else:
+        terms = [
+            (g, None, v, _expert_column_scales(sw.transpose(0, 2, 1), v.shape[1], b))
+            for g, (v, sw, _) in zip(cts, held, strict=True)
+        ]
+        dx = fp8_grouped_pallas.grouped_matmul_sum(
+            terms, group_sizes, out_dtype=dx_dtype, tiles=_kernel_tiles(_grad_recipe(recipe)), transpose_b=True
+        )
     dws = tuple(
         Fp8Weight(jnp.zeros_like(v), jnp.zeros_like(sw), _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], k))
         for g, (v, sw, k) in zip(cts, held, strict=True)
@@ -392,9 +424,9 @@ class GroupedMatmul:
         return fp8_ragged_dot(x, self._experts(w, x.dtype), group_sizes, self.recipe)
 
     def pair(self, x, w_gate, w_up, group_sizes):
-        if not _grouped_kernels(self.recipe):
-            return self(x, w_gate, group_sizes), self(x, w_up, group_sizes)
         gate, up = (self._experts(w, x.dtype) for w in (w_gate, w_up))
+        if not (_grouped_kernels(self.recipe) or _gpu_kernels(self.recipe, *gate.values.shape[1:])):
+            return self(x, gate, group_sizes), self(x, up, group_sizes)
         axes = _reductions(x, gate.values)
         return _gate_up(self.recipe, axes, x, gate, up, group_sizes.astype(jnp.int32))
 
