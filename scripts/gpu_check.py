@@ -7,6 +7,11 @@ Parts (each writes ``--out`` as one JSON object; with ``--json`` it is also the 
   matmul per group (forward and both gradients, uneven groups with an empty one and rows past the last group), and timed
   next to ``ragged_dot`` as XLA:GPU compiles it (a dense matmul over every group, masked) at the expert shapes of
   DeepSeek-V2-Lite (all 64 experts on one GPU) and V3 (32 local experts of 256 on 8 GPUs).
+* ``fp8k``: the FP8 GEMMs of ``Fp8Recipe(backend="auto")`` on GPU, :mod:`dsjax.ops.fp8_gpu`'s Mosaic-GPU kernels
+  (E4M3 ``wgmma``, promoted every 128 of the contraction): dense (``fp8_matmul``) and grouped
+  (``fp8_ragged_dot``) forward and both gradients against the ``blocked`` backend's XLA program (same recipe,
+  so their difference is the fp32 summation order: ~1e-6) at a small shape, then timed next to the bf16 GEMMs
+  (``jnp.dot``, :func:`dsjax.ops.gpu_gmm.gpu_gmm`) at DeepSeek-V3's shapes.
 * ``train``: DeepSeek-V2-Lite's train step, ``--layers`` deep (1 dense + MoE layers; full widths), on one GPU:
   ``dsjax.aot.compile_report`` on the real device (per-GPU memory, compiled / model flops, roofline MFU) next to
   the step's measured time, MFU and peak memory, for each ``--dispatch``.
@@ -201,6 +206,84 @@ def check_gmm(args) -> dict:
     return dict(part="gmm", device=str(jax.devices()[0]), results=results)
 
 
+# ---------------------------------------------------------------------------------------------------------- fp8k
+
+
+def _fp8_case(name, e, k, n, m, *, reps: int, seed: int, check: bool) -> dict:
+    """One GEMM shape (``e`` = 0: dense ``[m, k] x [k, n]``; else grouped over ``e`` experts): the kernels'
+    forward and forward + backward times next to bf16's, and with ``check`` their values and gradients against
+    the ``blocked`` backend's."""
+    from dsjax.config import Fp8Recipe
+    from dsjax.ops.fp8 import fp8_matmul
+    from dsjax.ops.fp8_grouped import fp8_ragged_dot
+    from dsjax.ops.gpu_gmm import gpu_gmm
+
+    kx, kw, kd = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = (jax.random.normal(kw, (e, k, n) if e else (k, n), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
+    dy = jax.random.normal(kd, (m, n), jnp.bfloat16)
+    sizes = jnp.asarray(_groups(np.random.default_rng(seed), m, e)) if e else None
+    rows = int(sizes.sum()) if e else m
+    if e:
+        impls = {
+            "bf16": functools.partial(gpu_gmm, group_sizes=sizes),
+            "fp8 kernels": lambda x, w: fp8_ragged_dot(x, w, sizes, Fp8Recipe(backend="auto")),
+            "fp8 blocked (XLA)": lambda x, w: fp8_ragged_dot(x, w, sizes, Fp8Recipe()),
+        }
+    else:
+        impls = {
+            "bf16": jnp.dot,
+            "fp8 kernels": lambda x, w: fp8_matmul(x, w, Fp8Recipe(backend="auto")),
+            "fp8 blocked (XLA)": lambda x, w: fp8_matmul(x, w, Fp8Recipe()),
+        }
+    if not check:
+        del impls["fp8 blocked (XLA)"]  # at V3's grouped shapes XLA's dense-over-experts program is the slow path
+    useful = 2.0 * rows * k * n
+    r = dict(name=name, experts=e, k=k, n=n, rows=m)
+    outs = {}
+    for label, f in impls.items():
+        try:
+            fwd = jax.jit(f)
+            grads = jax.jit(lambda x, w, dy, f=f: jax.vjp(f, x, w)[1](dy))
+            outs[label] = (fwd(x, w), *grads(x, w, dy))
+            t_fwd = timed(fwd, x, w, reps=reps)
+            t_both = timed(lambda x, w, dy, f=fwd, g=grads: (f(x, w), g(x, w, dy)), x, w, dy, reps=reps)
+            r[label] = dict(
+                fwd_ms=t_fwd * 1e3, fwd_tflops=useful / t_fwd / 1e12,
+                fwd_bwd_ms=t_both * 1e3, fwd_bwd_tflops=3 * useful / t_both / 1e12,
+                finite=bool(all(jnp.isfinite(o).all() for o in outs[label])),
+            )  # fmt: skip
+        except Exception as ex:  # a failure is a result of this check, reported with the others
+            r[label] = dict(error=f"{type(ex).__name__}: {str(ex)[:600]}")
+        print(name, label, json.dumps(r[label]), flush=True)
+    if "fp8 kernels" in outs:
+        if "fp8 blocked (XLA)" in outs:  # the same recipe: only the summation order may differ
+            pairs = zip(("y", "dx", "dw"), outs["fp8 kernels"], outs["fp8 blocked (XLA)"], strict=True)
+            r["kernels_vs_blocked_rel_err"] = {nm: rel_err(a, b) for nm, a, b in pairs}
+        if "bf16" in outs:  # FP8 against bf16: the recipe's own quantisation error, a few percent
+            pairs = zip(("y", "dx", "dw"), outs["fp8 kernels"], outs["bf16"], strict=True)
+            r["kernels_vs_bf16_rel_err"] = {nm: rel_err(a, b) for nm, a, b in pairs}
+        if r["bf16"].get("fwd_bwd_ms") and r["fp8 kernels"].get("fwd_bwd_ms"):
+            r["speedup_vs_bf16_fwd_bwd"] = r["bf16"]["fwd_bwd_ms"] / r["fp8 kernels"]["fwd_bwd_ms"]
+        print(name, {k_: v for k_, v in r.items() if "rel_err" in k_ or "speedup" in k_}, flush=True)
+    return r
+
+
+def check_fp8_kernels(args) -> dict:
+    shapes = [  # (name, experts (0: dense), k, n, rows, check against blocked)
+        ("dense, small", 0, 1024, 768, 2048, True),
+        ("grouped, small", 8, 1024, 768, 2048, True),
+        ("V3 dense 7168 -> 2048 (shared expert)", 0, 7168, 2048, 8192, False),
+        ("V3 attention output 16384 -> 7168", 0, 16384, 7168, 4096, False),
+        ("V3 w_gate/up (8 GPUs)", 32, 7168, 2048, 32768, False),
+        ("V3 w_down (8 GPUs)", 32, 2048, 7168, 32768, False),
+    ]
+    if args.smoke:
+        shapes = shapes[:2]
+    results = [_fp8_case(*shape[:5], reps=args.reps, seed=i, check=shape[5]) for i, shape in enumerate(shapes)]
+    return dict(part="fp8k", device=str(jax.devices()[0]), results=results)
+
+
 # --------------------------------------------------------------------------------------------------------- train
 
 
@@ -330,15 +413,17 @@ def check_decode(args) -> dict:
     return dict(part="decode", device=str(jax.devices()[0]), results=[r])
 
 
-PARTS = {"gmm": check_gmm, "train": check_train, "decode": check_decode}
+PARTS = {"gmm": check_gmm, "fp8k": check_fp8_kernels, "train": check_train, "decode": check_decode}
 
 # ``all``: each part in its own process (a hang or a crash costs that part only), most telling first, with
 # wall-clock limits that keep the whole run inside one device lease's command (at most 9.5 minutes).
+# (``scripts/fp8_gpu_check.py``, XLA's FP8 GEMM forms, was part of it; it has answered its questions and runs
+# alone.)
 ALL = [
-    ("gmm", ["gmm", "--reps", "5"], 150),
-    ("train", ["train", "--dispatch", "auto", "ragged"], 190),
-    ("fp8", ["--budget-s", "75", "--tokens", "8192"], 110),
-    ("decode", ["decode", "--batch", "64"], 120),
+    ("fp8k", ["fp8k", "--reps", "5"], 150),
+    ("gmm", ["gmm", "--reps", "5"], 130),
+    ("train", ["train", "--dispatch", "auto", "ragged"], 170),
+    ("decode", ["decode", "--batch", "64"], 110),
 ]
 
 
@@ -348,11 +433,11 @@ def run_all(out_dir: str, smoke: bool = False) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, argv, limit in ALL:
-        script = Path(__file__).with_name("fp8_gpu_check.py" if name == "fp8" else "gpu_check.py")
+        script = Path(__file__)
         out = str(Path(out_dir) / f"{name}.json")
         start = time.perf_counter()
         try:
-            extra = (["--small"] if name == "fp8" else ["--smoke"]) if smoke else []
+            extra = ["--smoke"] if smoke else []
             proc = subprocess.run([sys.executable, str(script), *argv, *extra, "--out", out], timeout=limit,
                                   capture_output=True, text=True)  # fmt: skip
             log, rc = proc.stdout + proc.stderr, proc.returncode

@@ -201,6 +201,39 @@ def test_fp8_gpu_kernels_flops_counted_from_their_operands(h200):
         assert counts.matmul_flops == pytest.approx(flops, rel=0.01)
 
 
+_V3_LAYER_STEP = (
+    "scripts/aot.py --topology 64xh200 --model deepseek_v3 --step train --mesh data=4,expert=16 --per-chip-batch 1 "
+    "--seq 4096 --set model.num_hidden_layers=2 --set train.layers=scan --set model.first_k_dense_replace=0 "
+    "--set model.num_nextn_predict_layers=0 --set model.moe_capacity_factor=1.0 --set train.loss_chunk=1024 --json"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fp8", "most_gib"), [(None, 9.5), ("{backend: auto}", 8.5)])
+def test_v3_layer_step_on_h200_gathers_weights_not_activations(fp8, most_gib):
+    """README's V3 layer step on 64 H200s (two layers scanned, 1 x 4096 tokens per GPU), bf16 and FP8 with the
+    Mosaic-GPU kernels: FSDP's weights are gathered for the projections (``dsjax.layers.common.project``; left
+    free, XLA:GPU all-gathered a bf16[64, 4096, 128, 192] activation, 12 GiB, and the bf16 step took 15.83 GiB
+    of temporaries; FP8's ``blocked`` dense GEMMs materialised an f32[56, 4096, 16384] partial sum, 19.02 GiB),
+    and the FP8 step's compiled flops are the bf16 step's (the ``blocked`` grouped GEMMs were 5.77x)."""
+    args = _V3_LAYER_STEP.split() + ([] if fp8 is None else ["--set", f"model.fp8={fp8}"])
+    report = run_json_script(args, timeout=600)
+    assert report["memory"]["temporaries"] < most_gib
+    assert report["flops_ratio"] == pytest.approx(1.10, abs=0.02)
+
+
+@pytest.mark.slow
+def test_v3_train_row_on_256_h200_gathers_mla_weights():
+    """README's 256 x H200 V3-671B train row, its command as README gives it: 57.34 GiB per GPU. Before MLA's
+    ``wkv_b`` was constrained to FSDP's gathered layout on GPU (``dsjax.layers.common.gathered_on_gpu``), XLA:GPU
+    all-gathered a bf16[256, 4096, 128, 256] activation (64 GiB) for its gradient instead: 105.66 GiB."""
+    command = "scripts/aot.py --topology 256xh200 --model deepseek_v3 --step train --mesh data=4,expert=64"
+    options = "--per-chip-batch 1 --seq 4096 --set model.moe_capacity_factor=1.0 --set train.remat=offload_attn"
+    report = run_json_script(f"{command} {options} --set train.loss_chunk=1024 --json".split(), timeout=600)
+    assert report["fits"] and report["hbm_per_chip_gib"] < 70
+    assert report["flops_ratio"] == pytest.approx(1.09, abs=0.02)
+
+
 def test_v3_decode_on_h200_compiles_to_the_model_flops(h200):
     """README's 8 x H200 V3 decode row, its command as README gives it: compiled matmul flops equal the model's.
     Without the barrier on MLA's summed absorbed scores (`dsjax.ops.attention.mla_absorbed`) XLA:GPU recomputed

@@ -45,20 +45,20 @@ def _kernel_names(fn, *args) -> str:
 
 
 @pytest.mark.parametrize(
-    "groups",
+    ("groups", "k", "n"),
     [
-        [40, 0, 150, 70],  # an empty expert, experts sharing row tiles, 40 rows past the last group
-        [128, 128, 0, 44],  # groups on tile edges, an empty one inside
-        [0, 0, 300, 0],  # one expert takes every row
-        [3, 0, 200, 1, 0, 96],  # many experts in one tile, an empty one at a tile's middle
+        ([40, 0, 150, 70], 256, 384),  # an empty expert, experts sharing row tiles, 40 rows past the last group
+        ([128, 128, 0, 44], 256, 384),  # groups on tile edges, an empty one inside
+        ([0, 0, 300, 0], 200, 136),  # one expert takes every row; widths off the tiles (padded)
+        ([3, 0, 200, 1, 0, 96], 200, 136),  # many experts in one tile, an empty one at a tile's middle
     ],
 )
-def test_gpu_grouped_kernels_match_the_oracle(on_gpu, groups):
+def test_gpu_grouped_kernels_match_the_oracle(on_gpu, groups, k, n):
     """``fp8_ragged_dot`` through the kernels -- forward (``x`` quantised 1 x 128, ``w^T`` E4M3), input
     gradient (``g`` quantised, ``w`` read as it is) and weight gradient (both re-tiled 128 x 1 along each
     expert's tokens, transposed) -- against the oracle; rows past the groups and experts without rows zero."""
     groups = np.array(groups)
-    rows, k, n = 300, 256, 384
+    rows = 300
     x = activations(70, (rows, k))
     x[[2, 130, 250]] *= 30
     w = activations(71, (len(groups), k, n)) * 0.02
@@ -80,11 +80,11 @@ def test_gpu_grouped_kernels_match_the_oracle(on_gpu, groups):
 
 
 def test_gpu_grouped_sum_of_products_in_one_accumulator():
-    """``grouped_matmul_sum``: two products with contractions of 256 and 384 summed in one accumulator equal
-    the oracle's sum; operands off the 128-wide tiles are refused."""
+    """``grouped_matmul_sum``: two products with contractions of 256 and 200 (off the tiles: padded) summed in
+    one accumulator equal the oracle's sum; scales of another tiling are refused."""
     groups = np.array([40, 0, 150, 70])
     want, terms = 0.0, []
-    for seed, c in ((80, 256), (82, 384)):
+    for seed, c in ((80, 256), (82, 200)):
         a = activations(seed, (300, c))
         bq, sb = ref.quantize_blocks(activations(seed + 1, (len(groups), 128, c)) * 0.02)  # b [E, n, c]
         term = np.zeros((300, 128))
@@ -97,8 +97,8 @@ def test_gpu_grouped_sum_of_products_in_one_accumulator():
         got = fp8_gpu.grouped_matmul_sum(terms, jnp.asarray(groups), out_dtype=jnp.float32)
     assert max_rel(got, want) < TOL
     aq, sa, bq, sb = terms[0]
-    with pytest.raises(ValueError, match="multiples of 128"):
-        fp8_gpu.grouped_matmul(aq[:, :200], sa[:, :2], bq[:, :, :200], sb, jnp.asarray(groups), out_dtype=jnp.float32)
+    with pytest.raises(ValueError, match="one per 1 x 128 tile"):  # scales of another tiling
+        fp8_gpu.grouped_matmul(aq, sa[:, :1], bq, sb, jnp.asarray(groups), out_dtype=jnp.float32)
 
 
 def test_gpu_pair_equals_two_gemms(on_gpu):
@@ -122,9 +122,9 @@ def test_gpu_pair_equals_two_gemms(on_gpu):
 
 
 def test_gpu_kernels_only_where_they_apply(monkeypatch):
-    """``auto`` takes the kernels on GPU only, for widths on the 128-wide tiles, and where the rows are the
-    device's own; elsewhere the grouped GEMM stays ``blocked`` (no kernel traced). Each case has shapes of its
-    own: the choice is made while tracing, and JAX reuses a custom VJP's trace for the same shapes."""
+    """``auto`` takes the kernels on GPU only, and where the rows are the device's own; elsewhere the grouped
+    GEMM stays ``blocked`` (no kernel traced). Each case has shapes of its own: the choice is made while
+    tracing, and JAX reuses a custom VJP's trace for the same shapes."""
     sizes = jnp.asarray([100, 200])
 
     def kernels(rows, n, backend="auto"):
@@ -134,19 +134,18 @@ def test_gpu_kernels_only_where_they_apply(monkeypatch):
     assert kernels(300, 128) == ""  # the CPU
     monkeypatch.setattr(fp8, "active_platform", lambda: "gpu")
     assert kernels(301, 128) == "grouped_matmul_sum_kernel"
-    assert kernels(302, 136) == ""  # 136 columns: off the tiles
     assert kernels(303, 128, "blocked") == ""
     with jax.set_mesh(make_mesh(1, 1)):  # a mesh axis still free: the batch's groups cannot be split by rows
         assert kernels(304, 128) == ""
 
 
-@pytest.mark.parametrize("rows", [300, 256])
-def test_gpu_dense_kernels_match_the_oracle(on_gpu, rows):
+@pytest.mark.parametrize(("rows", "k", "n"), [(300, 256, 384), (256, 200, 136)])
+def test_gpu_dense_kernels_match_the_oracle(on_gpu, rows, k, n):
     """``fp8_matmul`` through the kernels as one group (forward, input gradient, and the weight gradient with
     both operands re-tiled 128 x 1 along the tokens, rows padded to the tile) against the oracle."""
-    x = activations(90, (rows, 256))
-    w = activations(91, (256, 384)) * 0.05
-    g = np.random.default_rng(92).standard_normal((rows, 384)).astype(np.float32)
+    x = activations(90, (rows, k))
+    w = activations(91, (k, n)) * 0.05
+    g = np.random.default_rng(92).standard_normal((rows, n)).astype(np.float32)
 
     def run(x, w):
         y, pullback = jax.vjp(lambda x, w: fp8.fp8_matmul(x, w, recipe("auto")), x, w)

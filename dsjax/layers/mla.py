@@ -5,7 +5,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.config import ModelConfig
-from dsjax.layers.common import config_norm, float_weight, project, projection, weight_and_scale, weight_axes
+from dsjax.layers.common import (
+    config_norm,
+    float_weight,
+    gathered_on_gpu,
+    project,
+    projection,
+    weight_and_scale,
+    weight_axes,
+)
 from dsjax.ops import flash_attention
 from dsjax.ops.attention import AttentionMask, mla_absorbed, mla_naive
 from dsjax.ops.rope import apply_rope
@@ -84,7 +92,11 @@ class MLA(nnx.Module):
         # In FP8 training the expanded forms' key/value up-projection is a Linear like the others (DeepSeek-V3);
         # the absorbed form folds wkv_b into the attention core, which stays in the compute dtype.
         expand = (lambda c: self._project(c, "wkv_b")) if self.fp8 is not None and impl != "absorbed" else None
-        wkv_b = None if expand else float_weight(*weight_and_scale(self, "wkv_b"), q_nope.dtype, n_in=1)
+        if expand is None:
+            wkv_b = float_weight(*weight_and_scale(self, "wkv_b"), q_nope.dtype, n_in=1)
+            wkv_b = gathered_on_gpu(wkv_b, weight_axes(self, "wkv_b"))
+        else:
+            wkv_b = None
         if impl in ("naive", "absorbed"):
             dense = mask.dense() if isinstance(mask, AttentionMask) else mask
             args = (q_nope, q_pe, c_kv, k_pe, wkv_b, dense, self.scale)

@@ -194,12 +194,8 @@ def uses_pallas(recipe: Fp8Recipe) -> bool:
 def uses_gpu_kernels(recipe: Fp8Recipe) -> bool:
     """Whether the recipe runs :mod:`dsjax.ops.fp8_gpu`'s Mosaic-GPU kernels: ``auto`` on GPU (``block`` 128).
     The dense GEMMs run them per device under a mesh, the routed experts' grouped ones where the rows are the
-    device's own (:mod:`dsjax.ops.fp8_grouped`); widths off the 128-wide tiles stay ``blocked``."""
+    device's own (:mod:`dsjax.ops.fp8_grouped`)."""
     return recipe.backend == "auto" and recipe.block == fp8_gpu.BLOCK and active_platform() == "gpu"
-
-
-def _gpu_dense(recipe: Fp8Recipe, k: int, n: int) -> bool:
-    return uses_gpu_kernels(recipe) and fp8_gpu.supported(k, n)
 
 
 def _kernel_tiles(recipe: Fp8Recipe) -> fp8_pallas.TileRecipe:
@@ -222,7 +218,7 @@ def _wgrad(xq, sx, g, recipe: Fp8Recipe, out_dtype=jnp.float32):
         tiles = _kernel_tiles(recipe)
         g_tiles = _kernel_tiles(_grad_recipe(recipe))
         return fp8_pallas.weight_grad(xq, sx, g, x_tiles=tiles, g_tiles=g_tiles, out_dtype=out_dtype)
-    if _gpu_dense(recipe, xq.shape[1], g.shape[1]):
+    if uses_gpu_kernels(recipe):
 
         def retile(xq, sx, g):  # [K, M] and [N, M] in 1 x B tiles along the tokens, on each device's rows
             x = dequantize_rows(xq, sx, recipe.block)
@@ -242,7 +238,7 @@ def _dgrad(g, wq, sw, recipe: Fp8Recipe, dtype=jnp.float32):
         tiles = _kernel_tiles(_grad_recipe(recipe))
         return fp8_pallas.scaled_matmul(g, None, wq.T, sw_cols, out_dtype=dtype, tiles=tiles)
     gq, sg = quantize_rows(g, _grad_recipe(recipe))
-    if _gpu_dense(recipe, *wq.shape):  # w as it is: for dx = g . w^T its contraction is already last
+    if uses_gpu_kernels(recipe):  # w as it is: for dx = g . w^T its contraction is already last
         return fp8_gpu.matmul(gq, sg, wq, sw.T, out_dtype=dtype)
     return gemm(gq, sg, wq.T, sw.T, col_block=recipe.block, recipe=recipe)
 
@@ -256,7 +252,7 @@ def _forward(xq, sx, wq, sw, recipe: Fp8Recipe, dtype):
     """``y = x . w`` in ``dtype`` from x's 1xB tiles and w's BxB blocks."""
     if uses_pallas(recipe):
         return fp8_pallas.scaled_matmul(xq, sx, wq, _column_scales(sw, wq.shape[1], recipe.block), out_dtype=dtype)
-    if _gpu_dense(recipe, *wq.shape):  # w^T: E4M3 operands go to wgmma with the contraction last
+    if uses_gpu_kernels(recipe):  # w^T: E4M3 operands go to wgmma with the contraction last
         return fp8_gpu.matmul(xq, sx, wq.astype(E4M3).T, sw, out_dtype=dtype)
     return gemm(xq, sx, wq, sw, col_block=recipe.block, recipe=recipe).astype(dtype)
 

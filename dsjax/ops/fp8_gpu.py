@@ -12,11 +12,12 @@ with E4M3 operands and their scales; a dense GEMM is the one-group case.
 
 * :func:`grouped_matmul_sum`: ``y [m, n] = sum_t a_t[rows of e] . b_t[e]^T``, each ``a_t [m, c_t]`` E4M3 in 1 x
   128 tiles with its scales, each ``b_t [E, n, c_t]`` E4M3 with the contraction last (``wgmma`` takes 8-bit
-  operands K-major only: the forward's ``w^T``, the input gradient's ``w`` as it is) and 128 x 128 block scales.
-  Every 128 of the contraction is one ``wgmma`` into a zeroed accumulator, then ``acc += part * s_a[row] *
-  s_b``: the products of a slice are exact in fp32 whatever Hopper's FP8 accumulation keeps (DeepSeek's reason
-  for promoting every 128). Several terms share one accumulator (the SwiGLU pair's input gradient
-  ``g_gate . w_gate + g_up . w_up``: one ``[m, c]`` result in HBM, not two to be added).
+  operands K-major only: the forward's ``w^T``, the input gradient's ``w`` as it is) and 128 x 128 block scales;
+  widths off the tiles padded with zeros. Every 128 of the contraction is one ``wgmma`` into a zeroed
+  accumulator, then ``acc += part * s_a[row] * s_b``: the products of a slice are exact in fp32 whatever
+  Hopper's FP8 accumulation keeps (DeepSeek's reason for promoting every 128). Several terms share one
+  accumulator (the SwiGLU pair's input gradient ``g_gate . w_gate + g_up . w_up``: one ``[m, c]`` result in
+  HBM, not two to be added).
 * :func:`grouped_weight_grad`: ``dw[e] = sum over e's token tiles t of x_t^T . g_t`` scaled per tile, row
   (``x``'s channel) and column (``g``'s), from both operands re-tiled 128 x 1 along the tokens and transposed
   (tokens last) by XLA beforehand: :func:`dsjax.ops.fp8_grouped._expert_tiles`' tiles, each expert's tiles
@@ -50,9 +51,14 @@ STAGES = 4
 E4M3 = jnp.float8_e4m3fn
 
 
-def supported(k: int, n: int) -> bool:
-    """Whether an ``[m, k] x [E, k, n]`` grouped GEMM's forward and both gradients fit the kernels' tiles."""
-    return k % BLOCK == 0 and n % BLOCK == 0
+def _round_up(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def _pad_to(x, shape):
+    """``x`` zero-padded at the end of each axis to ``shape``: widths off the 128-wide tiles (V2-Lite's dense
+    MLP, 10,944 wide; MLA's 576-wide ``wkv_a``) multiply zeros there, which add nothing to any sum."""
+    return jnp.pad(x, [(0, t - s) for s, t in zip(x.shape, shape, strict=True)])
 
 
 def _kernel(body, out_type):
@@ -165,25 +171,27 @@ def grouped_matmul_sum(terms, group_sizes, *, out_dtype):
     """``y [m, n]``: ``sum_t a_t . b_t[expert]^T`` over rows sorted by expert (``group_sizes [E]``), each
     128-long slice of every contraction promoted to fp32 with its scales; rows past ``sum(group_sizes)`` are 0.
 
-    ``terms``: ``[(a [m, c] E4M3, sa [m, c/128] fp32, b [E, n, c] E4M3, sb [E, c/128, n/128] fp32), ...]``
-    (``c`` may differ between terms; ``c`` and ``n`` multiples of 128)."""
+    ``terms``: ``[(a [m, c] E4M3, sa [m, ceil(c/128)] fp32, b [E, n, c] E4M3, sb [E, ceil(c/128), ceil(n/128)]
+    fp32), ...]`` (``c`` may differ between terms; widths off the tiles are padded with zeros)."""
     m = terms[0][0].shape[0]
     num_groups, n = terms[0][2].shape[:2]
-    mp = -(-m // BLOCK) * BLOCK
+    mp, np_ = _round_up(m), _round_up(n)
     args, steps = [], []
     for a, sa, b, sb in terms:
         c = a.shape[1]
-        if not supported(c, n) or b.shape != (num_groups, n, c) or sb.shape != (num_groups, c // BLOCK, n // BLOCK):
+        cp = _round_up(c)
+        scales = (m, cp // BLOCK), (num_groups, cp // BLOCK, np_ // BLOCK)
+        if b.shape != (num_groups, n, c) or (sa.shape, sb.shape) != scales:
             raise ValueError(
-                f"grouped FP8 GEMM operands a {a.shape}, b {b.shape}, sb {sb.shape}: need [m, c] x "
-                f"[E, n, c] with c, n multiples of {BLOCK} and [E, c/{BLOCK}, n/{BLOCK}] scales"
+                f"grouped FP8 GEMM operands a {a.shape}, sa {sa.shape}, b {b.shape}, sb {sb.shape}: need a [m, c], b "
+                f"[E, n, c] and scales {scales[0]}, {scales[1]} (one per 1 x {BLOCK} tile / {BLOCK} x {BLOCK} block)"
             )
-        pad = ((0, mp - m), (0, 0))
         # the row scales transposed, [c/128, m]: a tile's scales for one slice are then one contiguous TMA row
-        args += [jnp.pad(a.astype(E4M3), pad), jnp.pad(sa.astype(jnp.float32), pad).T, b.astype(E4M3), sb]
-        steps.append(c // BLOCK)
-    kernel = _matmul_sum_kernel(len(terms), mp, n, num_groups, tuple(steps), jnp.dtype(out_dtype))
-    return zero_rows_past_groups(kernel(group_sizes.astype(jnp.int32), *args)[:m], group_sizes)
+        a, sa = _pad_to(a.astype(E4M3), (mp, cp)), _pad_to(sa.astype(jnp.float32), (mp, cp // BLOCK)).T
+        args += [a, sa, _pad_to(b.astype(E4M3), (num_groups, np_, cp)), sb.astype(jnp.float32)]
+        steps.append(cp // BLOCK)
+    kernel = _matmul_sum_kernel(len(terms), mp, np_, num_groups, tuple(steps), jnp.dtype(out_dtype))
+    return zero_rows_past_groups(kernel(group_sizes.astype(jnp.int32), *args)[:m, :n], group_sizes)
 
 
 def grouped_matmul(a, sa, b, sb, group_sizes, *, out_dtype):
@@ -235,15 +243,20 @@ def grouped_weight_grad(xt, sxt, gt, sgt, tiles_per_expert, *, out_dtype=jnp.flo
     ``e``'s token tiles ``t`` (its ``tiles_per_expert[e]`` tiles follow the previous experts').
 
     ``xt [k, T * 128]`` / ``gt [n, T * 128]``: E4M3, the tokens last, tile ``t`` in columns ``128 t .. 128 t +
-    127`` (rows of other experts zero); ``sxt [T, k]`` / ``sgt [T, n]``: each tile's per-channel scales."""
-    k, n = xt.shape[0], gt.shape[0]
+    127`` (rows of other experts zero); ``sxt [T, k]`` / ``sgt [T, n]``: each tile's per-channel scales.
+    ``k`` and ``n`` off the 128-wide tiles are padded with zeros."""
+    (k, tokens), n = xt.shape, gt.shape[0]
     num_groups = tiles_per_expert.shape[0]
-    if not supported(k, n) or xt.shape[1] != gt.shape[1] or xt.shape[1] != BLOCK * sxt.shape[0]:
-        raise ValueError(f"grouped FP8 weight gradient operands xt {xt.shape}, gt {gt.shape}, sxt {sxt.shape}")
+    if gt.shape[1] != tokens or tokens != BLOCK * sxt.shape[0] or (sxt.shape[1], sgt.shape) != (k, (sxt.shape[0], n)):
+        raise ValueError(f"grouped FP8 weight gradient operands xt {xt.shape}, sxt {sxt.shape}, gt {gt.shape}, "
+                         f"sgt {sgt.shape}: need [k, 128 T], [T, k], [n, 128 T], [T, n]")  # fmt: skip
+    kp, np_ = _round_up(k), _round_up(n)
     tiles_per_expert = tiles_per_expert.astype(jnp.int32)
     first = jnp.cumsum(tiles_per_expert) - tiles_per_expert
-    kernel = _weight_grad_kernel(k, n, num_groups, jnp.dtype(out_dtype))
-    return kernel(first, tiles_per_expert, xt.astype(E4M3), sxt, gt.astype(E4M3), sgt)
+    kernel = _weight_grad_kernel(kp, np_, num_groups, jnp.dtype(out_dtype))
+    xt, gt = _pad_to(xt.astype(E4M3), (kp, tokens)), _pad_to(gt.astype(E4M3), (np_, tokens))
+    sxt, sgt = _pad_to(sxt, (sxt.shape[0], kp)), _pad_to(sgt, (sgt.shape[0], np_))
+    return kernel(first, tiles_per_expert, xt, sxt, gt, sgt)[:, :k, :n]
 
 
 # ---- dense GEMMs: one group ------------------------------------------------------------------------------------

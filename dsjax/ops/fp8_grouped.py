@@ -56,10 +56,10 @@ def _grouped_kernels(recipe: Fp8Recipe) -> bool:
     return uses_pallas(recipe) and not free_axes()
 
 
-def _gpu_kernels(recipe: Fp8Recipe, k: int, n: int) -> bool:
-    """:func:`dsjax.ops.fp8.uses_gpu_kernels`, here: no mesh axis left to split and an ``[., k] x [E, k, n]``
-    GEMM the kernels' 128-wide tiles fit (else ``blocked``, the same values)."""
-    return uses_gpu_kernels(recipe) and not free_axes() and fp8_gpu.supported(k, n)
+def _gpu_kernels(recipe: Fp8Recipe) -> bool:
+    """:func:`dsjax.ops.fp8.uses_gpu_kernels`, here: where no mesh axis is left to split (else ``blocked``, the
+    same values)."""
+    return uses_gpu_kernels(recipe) and not free_axes()
 
 
 def _row_experts(group_sizes, rows: int):
@@ -198,7 +198,7 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float
         g_tiles, sgt = tile_quantize(g[rows].astype(jnp.float32), valid, _grad_recipe(recipe))
         return x_tiles, sxt, g_tiles, sgt
 
-    if _gpu_kernels(recipe, k, n):  # all tiles re-tiled by XLA, tokens last (K-major for the E4M3 wgmma)
+    if _gpu_kernels(recipe):  # all tiles re-tiled by XLA, tokens last (K-major for the E4M3 wgmma)
         x_tiles, sxt, g_tiles, sgt = retiled(rows, valid)
         xt, gt = (t.transpose(2, 0, 1).reshape(t.shape[2], -1) for t in (x_tiles, g_tiles))
         return fp8_gpu.grouped_weight_grad(xt, sxt, gt, sgt, tiles_per, out_dtype=out_dtype)
@@ -254,7 +254,7 @@ def _grouped_forward(x, wq, sw, group_sizes, recipe: Fp8Recipe):
         xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))
         sw_cols = _expert_column_scales(sw, wq.shape[2], recipe.block)
         return fp8_grouped_pallas.grouped_matmul(xq, sx, wq, sw_cols, group_sizes, out_dtype=x.dtype), xq, sx
-    if _gpu_kernels(recipe, *wq.shape[1:]):  # w^T: the kernels take E4M3 operands with the contraction last
+    if _gpu_kernels(recipe):  # w^T: the kernels take E4M3 operands with the contraction last
         xq, sx = quantize_rows(x, recipe)
         y = fp8_gpu.grouped_matmul(xq, sx, wq.transpose(0, 2, 1), sw, group_sizes, out_dtype=x.dtype)
         return y, xq, sx
@@ -278,7 +278,7 @@ def _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes, dtype):
             g, None, wq, sw_cols, group_sizes, out_dtype=chunk_dtype, tiles=tiles, transpose_b=True
         )
         return _reduce(dx, axes, dtype)
-    if _gpu_kernels(recipe, *wq.shape[1:]):  # w as it is: for dx = g . w^T its contraction is already last
+    if _gpu_kernels(recipe):  # w as it is: for dx = g . w^T its contraction is already last
         gq, sg = quantize_rows(g, _grad_recipe(recipe))
         dx = fp8_gpu.grouped_matmul(gq, sg, wq, sw.transpose(0, 2, 1), group_sizes, out_dtype=chunk_dtype)
         return _reduce(dx, axes, dtype)
@@ -354,7 +354,7 @@ def _gate_up(recipe, axes, x, gate: Fp8Weight, up: Fp8Weight, group_sizes):
 
 
 def _gate_up_fwd(recipe, axes, x, gate, up, group_sizes):
-    gpu = _gpu_kernels(recipe, *gate.values.shape[1:])
+    gpu = _gpu_kernels(recipe)
     # x quantised once for both projections (and both weight gradients)
     xq, sx = quantize_rows(x, recipe) if gpu else fp8_pallas.quantize(x, _kernel_tiles(recipe))
     if gpu:
@@ -382,7 +382,7 @@ def _gate_up_bwd(recipe, axes, res, cts):
     xq, sx, held, group_sizes, x_dtype = res
     b = recipe.block
     dx_dtype = _dgrad_dtype(axes[0], x_dtype.dtype)
-    if _gpu_kernels(recipe, *held[0][0].shape[1:]):  # g_gate . w_gate^T + g_up . w_up^T in one accumulator
+    if _gpu_kernels(recipe):  # g_gate . w_gate^T + g_up . w_up^T in one accumulator
         terms = [
             (*quantize_rows(g, _grad_recipe(recipe)), v, sw.transpose(0, 2, 1))
             for g, (v, sw, _) in zip(cts, held, strict=True)
@@ -425,7 +425,7 @@ class GroupedMatmul:
 
     def pair(self, x, w_gate, w_up, group_sizes):
         gate, up = (self._experts(w, x.dtype) for w in (w_gate, w_up))
-        if not (_grouped_kernels(self.recipe) or _gpu_kernels(self.recipe, *gate.values.shape[1:])):
+        if not (_grouped_kernels(self.recipe) or _gpu_kernels(self.recipe)):
             return self(x, gate, group_sizes), self(x, up, group_sizes)
         axes = _reductions(x, gate.values)
         return _gate_up(self.recipe, axes, x, gate, up, group_sizes.astype(jnp.int32))
