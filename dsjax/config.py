@@ -95,7 +95,7 @@ class Fp8Recipe:
     off TPU; ``block`` must be 128), ``auto`` picks ``pallas`` when compiling for TPU, on GPU the Mosaic-GPU FP8
     kernels of :mod:`dsjax.ops.fp8_gpu` (``blocked``'s numerics: E4M3 ``wgmma``, promoted every 128 of the
     contraction; dense GEMMs per device, the routed experts' grouped ones inside expert parallelism; widths off
-    128-wide tiles stay ``blocked``), and ``blocked`` elsewhere.
+    the 128-wide tiles zero-padded), and ``blocked`` elsewhere.
     ``wgrad_dtype``: the weight gradients as the GEMMs give them, and as they are summed over devices:
     ``float32`` (DeepSeek's recipe) or ``compute`` (the compute dtype, e.g. bf16, as the bf16 step's dot
     gives them: half the bytes in the reductions and the scanned layers' gradient buffers; the partial

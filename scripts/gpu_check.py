@@ -247,6 +247,7 @@ def _fp8_case(name, e, k, n, m, *, reps: int, seed: int, check: bool) -> dict:
             grads = jax.jit(lambda x, w, dy, f=f: jax.vjp(f, x, w)[1](dy))
             outs[label] = (fwd(x, w), *grads(x, w, dy))
             t_fwd = timed(fwd, x, w, reps=reps)
+            # the forward, then the vjp (which runs the forward again): counted as 3 GEMMs, as in the gmm part
             t_both = timed(lambda x, w, dy, f=fwd, g=grads: (f(x, w), g(x, w, dy)), x, w, dy, reps=reps)
             r[label] = dict(
                 fwd_ms=t_fwd * 1e3, fwd_tflops=useful / t_fwd / 1e12,

@@ -483,3 +483,30 @@ def test_grpo_update_compiles_for_v5p(capsys):
     assert 0.5 < report["flops_ratio"] < 10
     assert {"all-to-all", "ragged-all-to-all"} & set(report["collectives"])
     assert aot_main([*args[:-3], "--set", "grpo.loss_mode=median"]) == 1  # a bad grpo field is an error
+
+
+def test_mosaic_gpu_flops_told_apart_by_operand_dtypes():
+    """The FP8 kernels' counts read their E4M3 operands only: neither the scales (``[c/128, m]``, as many rows as
+    ``a`` when ``c = 128 m``) nor a tile count equal to a width (``T == n``) may pass for a matrix; the bf16
+    kernels keep their counts."""
+    from dsjax.aot.hlo import _mosaic_gpu_flops
+
+    f8, f32, bf16, s32 = "f8e4m3fn", "f32", "bf16", "s32"
+    m, c, n = 128, 16384, 7168  # the scales sa^T [c/128, m] = [128, 128]
+    ins = [(s32, (1,)), (f8, (m, c)), (f32, (c // 128, m)), (f8, (1, n, c)), (f32, (1, c // 128, n // 128))]
+    assert _mosaic_gpu_flops((m, n), ins) == 2.0 * m * n * c
+    k, n, tiles = 512, 256, 256  # T == n
+    ins = [
+        (s32, (8,)),
+        (s32, (8,)),
+        (f8, (k, 128 * tiles)),
+        (f32, (tiles, k)),
+        (f8, (n, 128 * tiles)),
+        (f32, (tiles, n)),
+    ]
+    assert _mosaic_gpu_flops((8, k, n), ins) == 2.0 * k * n * 128 * tiles
+    assert (
+        _mosaic_gpu_flops((300, 128), [(s32, (4,)), (bf16, (300, 256)), (bf16, (4, 256, 128))]) == 2.0 * 300 * 128 * 256
+    )
+    bf16_wgrad = [*[(s32, (4,))] * 5, (bf16, (384, 256)), (bf16, (384, 128))]
+    assert _mosaic_gpu_flops((4, 256, 128), bf16_wgrad) == 2.0 * 384 * 256 * 128

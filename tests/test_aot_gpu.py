@@ -6,6 +6,8 @@ Run with ``JAX_PLATFORMS=cpu`` so JAX does not look for a driver. XLA's GPU clie
 the flop count is checked against the exact count of the program.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,6 +164,39 @@ def test_fp8_expert_ffn_runs_the_fp8_mosaic_gpu_kernels(h200):
     assert _ragged_dot_matmuls(text) == []
     text = _expert_ffn_hlo(h200, fp8=Fp8Recipe())
     assert "mosaic_gpu_v2" not in text and _ragged_dot_matmuls(text)
+
+
+_PTXAS_PROBE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from dsjax.aot import gpu_target
+from dsjax.ops import fp8_gpu
+one = Mesh(np.array(gpu_target("h200", 1).devices), ("d",))
+S = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(one, P()))
+e4, f32 = jnp.float8_e4m3fn, jnp.float32
+mm = lambda a, sa, b, sb, gs: fp8_gpu.grouped_matmul(a, sa, b, sb, gs, out_dtype=jnp.bfloat16)
+mm_args = S((1024, 512), e4), S((1024, 4), f32), S((4, 384, 512), e4), S((4, 4, 3), f32), S((4,), jnp.int32)
+wg_args = S((256, 1536), e4), S((12, 256), f32), S((384, 1536), e4), S((12, 384), f32), S((4,), jnp.int32)
+with jax.set_mesh(one):
+    jax.jit(mm).lower(*mm_args).compile()
+    jax.jit(fp8_gpu.grouped_weight_grad).lower(*wg_args).compile()
+"""
+
+
+@pytest.mark.slow
+def test_fp8_gpu_kernels_do_not_spill_registers():
+    """ptxas' report for the FP8 kernels (``MOSAIC_GPU_DUMP_PTXAS``): no register spills. With 128 x 128 output
+    tiles the running accumulator and a slice's product took 255 registers and spilled (80 / 524 bytes)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _PTXAS_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = proc.stdout + proc.stderr
+    spills = re.findall(r"(\d+) bytes spill stores", report)
+    assert len(spills) >= 2 and set(spills) == {"0"}, report[-2000:]
 
 
 def test_fp8_gpu_kernels_flops_counted_from_their_operands(h200):

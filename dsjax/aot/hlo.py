@@ -128,7 +128,7 @@ def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
             return 0.0
         return 2.0 * out_elems * math.prod(ins[0][1][int(d)] for d in m.group(1).split(",") if d)
     if op == "custom-call" and 'custom_call_target="mosaic_gpu_v2"' in attrs:
-        return _mosaic_gpu_flops(out[0][1], [s for _, s in ins])
+        return _mosaic_gpu_flops(out[0][1], ins)
     if op == "custom-call" and "splash_mha_" in attrs and '"cost_estimate"' not in attrs:
         return _splash_flops(attrs, ins)
     if op == "custom-call" and '"cost_estimate"' in attrs:
@@ -153,25 +153,25 @@ def _matmul_flops(op: str, out_text: str, ins, attrs: str) -> float:
 
 
 def _mosaic_gpu_flops(out, ins) -> float:
-    """The Mosaic-GPU grouped GEMMs (``dsjax.ops.gpu_gmm``: JAX's bf16 kernels; ``dsjax.ops.fp8_gpu``:
-    the FP8 ones), which state no cost: every row meets one group's weights.
+    """The Mosaic-GPU grouped GEMMs (``dsjax.ops.gpu_gmm``: JAX's bf16 kernels; ``dsjax.ops.fp8_gpu``: the FP8
+    ones), which state no cost: every row meets one group's weights. ``ins``: ``(dtype, shape)`` of each operand.
 
-    * ``ragged_dot`` (group_sizes, lhs [m, k], rhs [g, k, n] or [g, n, k]) -> [m, n], and the FP8
-      ``grouped_matmul_sum`` (group_sizes, then per term a [m, c], its scales [c/128, m], b [g, n, c], scales)
-      -> [m, n]: 2 m n c over the terms' ``[m, c]`` operands;
-    * ``transposed_ragged_dot`` (group metadata, lhs [m, k], rhs [m, n]) -> [g, k, n]: 2 m k n;
-    * the FP8 ``grouped_weight_grad`` (tile offsets, x^T [k, L], scales, g^T [n, L], scales) -> [g, k, n], the
-      ``L`` tokens of the experts' padded tiles: 2 k n L."""
-    mats = [s for s in ins if len(s) == 2]
-    if len(out) == 2:
-        return sum(2.0 * out[0] * out[1] * c for rows, c in mats if rows == out[0])
-    if len(out) == 3:
-        xt = [s for s in mats if s[0] == out[1]]
-        gt = [s for s in mats if s[0] == out[2]]
-        if xt and gt and xt[0][1] == gt[-1][1] and len(mats) == 4:
-            return 2.0 * out[1] * out[2] * xt[0][1]
-        if len(mats) >= 2 and mats[-2][0] == mats[-1][0]:
-            return 2.0 * mats[-2][0] * out[1] * out[2]
+    * FP8 (told apart by their E4M3 operands, the scales being fp32 and never counted): ``grouped_matmul_sum``
+      (group_sizes, then per term a [m, c], its scales, b [g, n, c], its scales) -> [m, n]: 2 m n c over the
+      terms; ``grouped_weight_grad`` (tile offsets, x^T [k, L], scales, g^T [n, L], scales) -> [g, k, n], the
+      ``L`` tokens of the experts' padded tiles: 2 k n L;
+    * ``ragged_dot`` (group_sizes, lhs [m, k], rhs [g, k, n] or [g, n, k]) -> [m, n]: 2 m n k;
+    * ``transposed_ragged_dot`` (group metadata, lhs [m, k], rhs [m, n]) -> [g, k, n]: 2 m k n."""
+    fp8 = [shape for dtype, shape in ins if dtype.startswith("f8") and len(shape) == 2]
+    if fp8 and len(out) == 2:
+        return sum(2.0 * out[0] * out[1] * c for rows, c in fp8 if rows == out[0])
+    if fp8 and len(out) == 3 and len(fp8) == 2:
+        return 2.0 * out[1] * out[2] * fp8[0][1]
+    mats = [shape for _, shape in ins if len(shape) == 2]
+    if len(out) == 2 and mats and mats[0][0] == out[0]:
+        return 2.0 * out[0] * out[1] * mats[0][1]
+    if len(out) == 3 and len(mats) >= 2 and mats[-2][0] == mats[-1][0]:
+        return 2.0 * mats[-2][0] * out[1] * out[2]
     return 0.0
 
 

@@ -22,7 +22,8 @@ operands and does one fp32 dot: the oracle the tests hold ``blocked`` to. ``pall
 kernels with the same numerics, every tile quantised and re-tiled in VMEM instead of XLA's fp32 copies of whole
 tensors: the dense ones (``fp8_matmul``) as :mod:`dsjax.ops.fp8_pallas`'s, split by rows under a mesh, the
 grouped ones as :mod:`dsjax.ops.fp8_grouped_pallas`'s where the rows are the device's own (inside expert
-parallelism, or unpartitioned; ``blocked`` elsewhere). ``auto`` is ``pallas`` when compiling for TPU and
+parallelism, or unpartitioned; ``blocked`` elsewhere). ``auto`` is ``pallas`` when compiling for TPU, on GPU
+:mod:`dsjax.ops.fp8_gpu`'s Mosaic-GPU kernels with the same numerics (:func:`uses_gpu_kernels`), and
 ``blocked`` elsewhere.
 
 The grouped version for the experts, ``fp8_ragged_dot``, is :mod:`dsjax.ops.fp8_grouped`.

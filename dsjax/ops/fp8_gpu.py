@@ -25,11 +25,12 @@ with E4M3 operands and their scales; a dense GEMM is the one-group case.
 * :func:`matmul` / :func:`weight_grad`: the dense GEMMs as one group, per device under a mesh (rows split like
   the batch, the weight whole, the weight gradient's partials summed by XLA), as :mod:`dsjax.ops.fp8_pallas`.
 
-Numerics are those of the ``blocked`` backend (the same quantised bytes and scales, the same promotion points);
-only the order of fp32 additions within a 128-long slice differs. The kernels run on a GPU; on CPU the tests run
-them in Pallas' Mosaic-GPU interpreter (``tests/mosaic_gpu_interpret.py``) against the NumPy oracle, and
-``tests/test_aot_gpu.py`` compiles them for an H200 (ptxas, sm_90a). The grouped ones are called where the rows
-are the device's own (inside expert parallelism's ``shard_map``, or unpartitioned).
+Numerics are those of the ``blocked`` backend: the same quantised bytes and scales and the same promotion
+points; the fp32 arithmetic around them is ordered differently (the sums within and across slices, the two
+scales applied one after the other), within 1e-6 relative of ``blocked`` in the tests. The kernels run on a
+GPU; on CPU the tests run them in Pallas' Mosaic-GPU interpreter (``tests/mosaic_gpu_interpret.py``) against
+the NumPy oracle, and ``tests/test_aot_gpu.py`` compiles them for an H200 (ptxas, sm_90a). The grouped ones are
+called where the rows are the device's own (inside expert parallelism's ``shard_map``, or unpartitioned).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ from dsjax.ops.moe import zero_rows_past_groups
 # 128 x 128 output tiles, 128-long contraction slices (one scale block, 128 bytes of E4M3: one swizzled row);
 # 4 stages of a 128 x 128 operand pair are 128 KiB of the H100/H200's 227 KiB shared memory per block.
 BLOCK = 128
+# Output tiles are BLOCK rows x TILE_N columns: one warpgroup holds the running fp32 accumulator and the slice's
+# product at once, 2 x 128 x 64 / 128 threads = 128 registers each; at 128 x 128 ptxas ran out of registers
+# (255, with 80 / 524 bytes spilled in the matmul / weight-gradient kernels). A weight block's 128 columns are
+# two such tiles, so its scale stays one scalar per tile.
+TILE_N = 64
 STAGES = 4
 E4M3 = jnp.float8_e4m3fn
 
@@ -73,15 +79,15 @@ def _kernel(body, out_type):
 
 def _promote(a_smem, b_smem, row_scale, col_scale):
     """One 128-long slice's product in a fresh fp32 accumulator, times its scales: ``row_scale [BLOCK]`` per
-    output row (or None), ``col_scale`` a scalar or ``[BLOCK]`` per output column."""
+    output row (or None), ``col_scale`` a scalar or ``[TILE_N]`` per output column."""
 
     def product(acc_ref):
         plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
         plgpu.wgmma_wait(0)
         return acc_ref[...]
 
-    part = pl.run_scoped(product, plgpu.ACC((BLOCK, BLOCK)))
-    shape = (BLOCK, BLOCK)
+    part = pl.run_scoped(product, plgpu.ACC((BLOCK, TILE_N)))
+    shape = (BLOCK, TILE_N)
     if row_scale is not None:
         rows = plgpu.layout_cast(row_scale, plgpu.Layout.WGMMA.reduce(1))
         part = part * jax.lax.broadcast_in_dim(rows, shape, [0])
@@ -92,7 +98,7 @@ def _promote(a_smem, b_smem, row_scale, col_scale):
 
 
 def _zeros():
-    return plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), plgpu.Layout.WGMMA)
+    return plgpu.layout_cast(jnp.zeros((BLOCK, TILE_N), jnp.float32), plgpu.Layout.WGMMA)
 
 
 def _group_tile(group_sizes_gmem, visit, num_groups: int):
@@ -122,7 +128,7 @@ def _store_rows(o_smem, o_gmem, row0, first, count, col0):
         @pl.when(count & size != 0)
         def _(size=size, first=first):
             plgpu.copy_smem_to_gmem(
-                o_smem.at[pl.ds(first, size)], o_gmem.at[pl.ds(row0 + first, size), pl.ds(col0, BLOCK)]
+                o_smem.at[pl.ds(first, size)], o_gmem.at[pl.ds(row0 + first, size), pl.ds(col0, TILE_N)]
             )
 
         first = first + (count & size)
@@ -133,36 +139,44 @@ def _store_rows(o_smem, o_gmem, row0, first, count, col0):
 def _matmul_sum_kernel(num_terms: int, m: int, n: int, num_groups: int, steps: tuple[int, ...], out_dtype):
     def grouped_matmul_sum_kernel(group_sizes_gmem, *refs):
         term_refs, o_gmem = refs[:-1], refs[-1]
-        grid_m, grid_n = pl.cdiv(m, BLOCK) + num_groups - 1, n // BLOCK
+        grid_m, grid_n = pl.cdiv(m, BLOCK) + num_groups - 1, n // TILE_N
 
         @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
         def _(loop):
-            visit, nj = plgpu.planar_snake(loop.index[0], (grid_m, grid_n), 1, 1)
+            # Column-major over (visit, column tile): SMs running at once share weight columns. (Not
+            # planar_snake(..., 1, 1): its remainder tile is 0 wide there, a `rem` by 0 that XLA:CPU traps on.)
+            nj, visit = jax.lax.div(loop.index[0], grid_m), jax.lax.rem(loop.index[0], grid_m)
             expert, tile, first, count = _group_tile(group_sizes_gmem, visit, num_groups)
-            acc = _zeros()
-            for t in range(num_terms):
-                a_gmem, sa_gmem, b_gmem, sb_gmem = term_refs[4 * t : 4 * t + 4]
 
-                def step(index, a_smem, b_smem, sa_smem, acc, sb_gmem=sb_gmem):
-                    return acc + _promote(a_smem, b_smem, sa_smem[...], sb_gmem[expert, index[0], nj])
+            def products(acc):
+                for t in range(num_terms):
+                    a_gmem, sa_gmem, b_gmem, sb_gmem = term_refs[4 * t : 4 * t + 4]
 
-                acc = plgpu.emit_pipeline(
-                    step,
-                    grid=(steps[t],),
-                    in_specs=[
-                        plgpu.BlockSpec((BLOCK, BLOCK), lambda s: (tile, s)),
-                        plgpu.BlockSpec((BLOCK, BLOCK), lambda s: (nj, s)),
-                        plgpu.BlockSpec((None, BLOCK), lambda s: (s, tile)),
-                    ],
-                    max_concurrent_steps=min(STAGES, steps[t]),
-                    init_carry=acc,
-                )(a_gmem, b_gmem.at[expert], sa_gmem)
+                    def step(index, a_smem, b_smem, sa_smem, acc, sb_gmem=sb_gmem):
+                        scale = sb_gmem[expert, index[0], nj * TILE_N // BLOCK]
+                        return acc + _promote(a_smem, b_smem, sa_smem[...], scale)
 
-            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((BLOCK, BLOCK), out_dtype))
+                    acc = plgpu.emit_pipeline(
+                        step,
+                        grid=(steps[t],),
+                        in_specs=[
+                            plgpu.BlockSpec((BLOCK, BLOCK), lambda s: (tile, s)),
+                            plgpu.BlockSpec((TILE_N, BLOCK), lambda s: (nj, s)),
+                            plgpu.BlockSpec((None, BLOCK), lambda s: (s, tile)),
+                        ],
+                        max_concurrent_steps=min(STAGES, steps[t]),
+                        init_carry=acc,
+                    )(a_gmem, b_gmem.at[expert], sa_gmem)
+                return acc
+
+            # visits without rows (an empty expert inside a tile, the schedule's spare visits) skip the products
+            acc = jax.lax.cond(count > 0, products, lambda acc: acc, _zeros())
+
+            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((BLOCK, TILE_N), out_dtype))
             def _(o_smem):
                 o_smem[...] = acc.astype(out_dtype)
                 plgpu.commit_smem()
-                _store_rows(o_smem, o_gmem, tile * BLOCK, first, count, nj * BLOCK)
+                _store_rows(o_smem, o_gmem, tile * BLOCK, first, count, nj * TILE_N)
 
     return _kernel(grouped_matmul_sum_kernel, jax.ShapeDtypeStruct((m, n), out_dtype))
 
@@ -201,12 +215,12 @@ def grouped_matmul(a, sa, b, sb, group_sizes, *, out_dtype):
 
 def _weight_grad_kernel(k: int, n: int, num_groups: int, out_dtype):
     def grouped_weight_grad_kernel(first_gmem, count_gmem, x_gmem, sx_gmem, g_gmem, sg_gmem, o_gmem):
-        grid_k, grid_n = k // BLOCK, n // BLOCK
+        grid_k, grid_n = k // BLOCK, n // TILE_N
 
         @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
         def _(loop):
             expert = loop.index[0]
-            ki, nj = plgpu.planar_snake(loop.index[1], (grid_k, grid_n), 1, 1)
+            nj, ki = jax.lax.div(loop.index[1], grid_k), jax.lax.rem(loop.index[1], grid_k)
             first, count = first_gmem[expert], count_gmem[expert]
 
             def step(_, x_smem, g_smem, sx_smem, sg_smem, acc):
@@ -218,9 +232,9 @@ def _weight_grad_kernel(k: int, n: int, num_groups: int, out_dtype):
                     grid=(count,),
                     in_specs=[
                         plgpu.BlockSpec((BLOCK, BLOCK), lambda t: (ki, first + t)),
-                        plgpu.BlockSpec((BLOCK, BLOCK), lambda t: (nj, first + t)),
+                        plgpu.BlockSpec((TILE_N, BLOCK), lambda t: (nj, first + t)),
                         plgpu.BlockSpec((None, BLOCK), lambda t: (first + t, ki)),
-                        plgpu.BlockSpec((None, BLOCK), lambda t: (first + t, nj)),
+                        plgpu.BlockSpec((None, TILE_N), lambda t: (first + t, nj)),
                     ],
                     max_concurrent_steps=STAGES,
                     init_carry=acc,
@@ -228,11 +242,12 @@ def _weight_grad_kernel(k: int, n: int, num_groups: int, out_dtype):
 
             acc = jax.lax.cond(count > 0, tiles, lambda acc: acc, _zeros())
 
-            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((BLOCK, BLOCK), out_dtype))
+            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((BLOCK, TILE_N), out_dtype))
             def _(o_smem):
                 o_smem[...] = acc.astype(out_dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[expert, pl.ds(ki * BLOCK, BLOCK), pl.ds(nj * BLOCK, BLOCK)])
+                out = o_gmem.at[expert, pl.ds(ki * BLOCK, BLOCK), pl.ds(nj * TILE_N, TILE_N)]
+                plgpu.copy_smem_to_gmem(o_smem, out)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return _kernel(grouped_weight_grad_kernel, jax.ShapeDtypeStruct((num_groups, k, n), out_dtype))
@@ -280,7 +295,7 @@ def weight_grad(retile, xq, sx, g, *, out_dtype=jnp.float32):
     [K, M], sxt [K, M/128], gt [N, M], sgt [N, M/128])`` (E4M3 with their scales; the tokens last), called on
     each device's rows, padded to a multiple of 128 with zeros (which change no tile's amax). Under a mesh the
     devices' tiles are the single-device ones (the rows split in multiples of 128) and XLA sums their partial
-    gradients."""
+    gradients, each rounded to ``out_dtype`` first (as :func:`dsjax.ops.fp8_pallas.weight_grad`'s)."""
     from dsjax.ops.fp8_pallas import _on_shards
 
     def local(xq, sx, g):
