@@ -213,22 +213,23 @@ def wgrad_dtype(recipe: Fp8Recipe, compute_dtype):
     return jnp.dtype(jnp.float32 if recipe.wgrad_dtype == "float32" else compute_dtype)
 
 
+def _retile(xq, sx, g, recipe: Fp8Recipe):
+    """The weight gradient's operands re-tiled ``B x 1`` along the tokens: ``x`` (dequantised from its forward
+    ``1 x B`` tiles) as ``[K, M]`` and ``g`` as ``[N, M]``, each E4M3 with its scales ``[., M/B]``."""
+    x = dequantize_rows(xq, sx, recipe.block)
+    return (*quantize_rows(x.T, recipe), *quantize_rows(g.T, _grad_recipe(recipe)))
+
+
 def _wgrad(xq, sx, g, recipe: Fp8Recipe, out_dtype=jnp.float32):
     """``dw = x^T . g`` with both re-tiled ``B x 1`` along the tokens (the contraction), in ``out_dtype``."""
     if uses_pallas(recipe):
         tiles = _kernel_tiles(recipe)
         g_tiles = _kernel_tiles(_grad_recipe(recipe))
         return fp8_pallas.weight_grad(xq, sx, g, x_tiles=tiles, g_tiles=g_tiles, out_dtype=out_dtype)
-    if uses_gpu_kernels(recipe):
-
-        def retile(xq, sx, g):  # [K, M] and [N, M] in 1 x B tiles along the tokens, on each device's rows
-            x = dequantize_rows(xq, sx, recipe.block)
-            return (*quantize_rows(x.T, recipe), *quantize_rows(g.T, _grad_recipe(recipe)))
-
+    if uses_gpu_kernels(recipe):  # re-tiled on each device's rows
+        retile = functools.partial(_retile, recipe=recipe)
         return fp8_gpu.weight_grad(retile, xq, sx, g, out_dtype=out_dtype)
-    x = dequantize_rows(xq, sx, recipe.block)
-    xtq, sxt = quantize_rows(x.T, recipe)  # [K, M], tiles along M
-    gtq, sgt = quantize_rows(g.T, _grad_recipe(recipe))  # [N, M]
+    xtq, sxt, gtq, sgt = _retile(xq, sx, g, recipe)
     return gemm(xtq, sxt, gtq.T, sgt.T, col_block=1, recipe=recipe).astype(out_dtype)
 
 

@@ -42,29 +42,21 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from dsjax.ops.fp8_pallas import _on_shards, _pad, _round_up
 from dsjax.ops.gpu_gmm import _NUM_SMS
 from dsjax.ops.moe import zero_rows_past_groups
 
-# 128 x 128 output tiles, 128-long contraction slices (one scale block, 128 bytes of E4M3: one swizzled row);
-# 4 stages of a 128 x 128 operand pair are 128 KiB of the H100/H200's 227 KiB shared memory per block.
+# 128-long contraction slices (one scale block; 128 bytes of E4M3, one swizzled row). Output tiles are BLOCK rows
+# x TILE_N columns: one warpgroup holds the running fp32 accumulator and the slice's product at once, 2 x 128 x
+# 64 / 128 threads = 128 registers each; at 128 x 128 ptxas ran out of registers (255, with 80 / 524 bytes
+# spilled in the matmul / weight-gradient kernels). A weight block's 128 columns are two such tiles, so its scale
+# stays one scalar per tile. Widths off the 128-wide tiles (V2-Lite's dense MLP, 10,944; MLA's 576-wide
+# `wkv_a`) are zero-padded: zeros add nothing to any sum. 4 stages of operands are 96 KiB of the H100/H200's
+# 227 KiB shared memory per block.
 BLOCK = 128
-# Output tiles are BLOCK rows x TILE_N columns: one warpgroup holds the running fp32 accumulator and the slice's
-# product at once, 2 x 128 x 64 / 128 threads = 128 registers each; at 128 x 128 ptxas ran out of registers
-# (255, with 80 / 524 bytes spilled in the matmul / weight-gradient kernels). A weight block's 128 columns are
-# two such tiles, so its scale stays one scalar per tile.
 TILE_N = 64
 STAGES = 4
 E4M3 = jnp.float8_e4m3fn
-
-
-def _round_up(n: int) -> int:
-    return -(-n // BLOCK) * BLOCK
-
-
-def _pad_to(x, shape):
-    """``x`` zero-padded at the end of each axis to ``shape``: widths off the 128-wide tiles (V2-Lite's dense
-    MLP, 10,944 wide; MLA's 576-wide ``wkv_a``) multiply zeros there, which add nothing to any sum."""
-    return jnp.pad(x, [(0, t - s) for s, t in zip(x.shape, shape, strict=True)])
 
 
 def _kernel(body, out_type):
@@ -189,11 +181,11 @@ def grouped_matmul_sum(terms, group_sizes, *, out_dtype):
     fp32), ...]`` (``c`` may differ between terms; widths off the tiles are padded with zeros)."""
     m = terms[0][0].shape[0]
     num_groups, n = terms[0][2].shape[:2]
-    mp, np_ = _round_up(m), _round_up(n)
+    mp, np_ = _round_up(m, BLOCK), _round_up(n, BLOCK)
     args, steps = [], []
     for a, sa, b, sb in terms:
         c = a.shape[1]
-        cp = _round_up(c)
+        cp = _round_up(c, BLOCK)
         scales = (m, cp // BLOCK), (num_groups, cp // BLOCK, np_ // BLOCK)
         if b.shape != (num_groups, n, c) or (sa.shape, sb.shape) != scales:
             raise ValueError(
@@ -201,8 +193,8 @@ def grouped_matmul_sum(terms, group_sizes, *, out_dtype):
                 f"[E, n, c] and scales {scales[0]}, {scales[1]} (one per 1 x {BLOCK} tile / {BLOCK} x {BLOCK} block)"
             )
         # the row scales transposed, [c/128, m]: a tile's scales for one slice are then one contiguous TMA row
-        a, sa = _pad_to(a.astype(E4M3), (mp, cp)), _pad_to(sa.astype(jnp.float32), (mp, cp // BLOCK)).T
-        args += [a, sa, _pad_to(b.astype(E4M3), (num_groups, np_, cp)), sb.astype(jnp.float32)]
+        a, sa = _pad(a.astype(E4M3), (mp, cp)), _pad(sa.astype(jnp.float32), (mp, cp // BLOCK)).T
+        args += [a, sa, _pad(b.astype(E4M3), (num_groups, np_, cp)), sb.astype(jnp.float32)]
         steps.append(cp // BLOCK)
     kernel = _matmul_sum_kernel(len(terms), mp, np_, num_groups, tuple(steps), jnp.dtype(out_dtype))
     return zero_rows_past_groups(kernel(group_sizes.astype(jnp.int32), *args)[:m, :n], group_sizes)
@@ -265,12 +257,12 @@ def grouped_weight_grad(xt, sxt, gt, sgt, tiles_per_expert, *, out_dtype=jnp.flo
     if gt.shape[1] != tokens or tokens != BLOCK * sxt.shape[0] or (sxt.shape[1], sgt.shape) != (k, (sxt.shape[0], n)):
         raise ValueError(f"grouped FP8 weight gradient operands xt {xt.shape}, sxt {sxt.shape}, gt {gt.shape}, "
                          f"sgt {sgt.shape}: need [k, 128 T], [T, k], [n, 128 T], [T, n]")  # fmt: skip
-    kp, np_ = _round_up(k), _round_up(n)
+    kp, np_ = _round_up(k, BLOCK), _round_up(n, BLOCK)
     tiles_per_expert = tiles_per_expert.astype(jnp.int32)
     first = jnp.cumsum(tiles_per_expert) - tiles_per_expert
     kernel = _weight_grad_kernel(kp, np_, num_groups, jnp.dtype(out_dtype))
-    xt, gt = _pad_to(xt.astype(E4M3), (kp, tokens)), _pad_to(gt.astype(E4M3), (np_, tokens))
-    sxt, sgt = _pad_to(sxt, (sxt.shape[0], kp)), _pad_to(sgt, (sgt.shape[0], np_))
+    xt, gt = _pad(xt.astype(E4M3), (kp, tokens)), _pad(gt.astype(E4M3), (np_, tokens))
+    sxt, sgt = _pad(sxt, (sxt.shape[0], kp)), _pad(sgt, (sgt.shape[0], np_))
     return kernel(first, tiles_per_expert, xt, sxt, gt, sgt)[:, :k, :n]
 
 
@@ -281,7 +273,6 @@ def matmul(a, sa, b, sb, *, out_dtype):
     """``a . b^T`` promoted every 128 of the contraction -> ``[M, N]``: ``a [M, C]`` E4M3 (1 x 128 tiles, ``sa
     [M, C/128]``), ``b [N, C]`` E4M3 with ``sb [C/128, N/128]`` block scales. Under a mesh, per device: the rows
     split like the batch, ``b`` whole."""
-    from dsjax.ops.fp8_pallas import _on_shards
 
     def local(a, sa, b, sb):
         rows = jnp.full((1,), a.shape[0], jnp.int32)
@@ -296,7 +287,6 @@ def weight_grad(retile, xq, sx, g, *, out_dtype=jnp.float32):
     each device's rows, padded to a multiple of 128 with zeros (which change no tile's amax). Under a mesh the
     devices' tiles are the single-device ones (the rows split in multiples of 128) and XLA sums their partial
     gradients, each rounded to ``out_dtype`` first (as :func:`dsjax.ops.fp8_pallas.weight_grad`'s)."""
-    from dsjax.ops.fp8_pallas import _on_shards
 
     def local(xq, sx, g):
         pad = ((0, -xq.shape[0] % BLOCK), (0, 0))

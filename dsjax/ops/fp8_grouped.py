@@ -354,15 +354,15 @@ def _gate_up(recipe, axes, x, gate: Fp8Weight, up: Fp8Weight, group_sizes):
 
 
 def _gate_up_fwd(recipe, axes, x, gate, up, group_sizes):
-    gpu = _gpu_kernels(recipe)
     # x quantised once for both projections (and both weight gradients)
-    xq, sx = quantize_rows(x, recipe) if gpu else fp8_pallas.quantize(x, _kernel_tiles(recipe))
-    if gpu:
+    if _gpu_kernels(recipe):  # w^T: E4M3 operands with the contraction last
+        xq, sx = quantize_rows(x, recipe)
         outs = tuple(
             fp8_gpu.grouped_matmul(xq, sx, w.values.transpose(0, 2, 1), w.scales, group_sizes, out_dtype=x.dtype)
             for w in (gate, up)
         )
     else:
+        xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))
         outs = tuple(
             fp8_grouped_pallas.grouped_matmul(
                 xq,
