@@ -101,6 +101,10 @@ class Fp8Recipe:
     gives them: half the bytes in the reductions and the scanned layers' gradient buffers; the partial
     products are still accumulated in fp32 on each device). The master weights' gradients are in their dtype
     either way.
+    ``quantized_dispatch``: the routed experts' input rows quantised before they are sorted and exchanged by
+    expert (DeepSeek-V3 dispatches in FP8): their E4M3 values and scales move, half the bytes of bf16 rows, and
+    the GEMMs take them as they are. The same numbers as quantising the moved rows (the ``1 x block`` tiles lie
+    within a row); False moves the rows in the compute dtype.
     ``pow2_scales`` rounds every scale up to a power of two (DeepSeek-V3.1's UE8M0 scales), which makes the
     1x128 -> 128x1 re-tiling in the backward pass nearly lossless.
     ``amax_floor`` (1e-4, from DeepSeek's activation-quantisation kernel) applies to activations and weights;
@@ -116,6 +120,7 @@ class Fp8Recipe:
     grad_amax_floor: float = 1e-30
     routed_experts: bool = True
     wgrad_dtype: str = "float32"
+    quantized_dispatch: bool = True
 
     def __post_init__(self):
         if self.backend not in FP8_BACKENDS:
@@ -126,8 +131,9 @@ class Fp8Recipe:
             raise ConfigError(f"fp8.backend='pallas' needs fp8.block=128 (the TPU's lanes), got {self.block}")
         if self.wgrad_dtype not in WGRAD_DTYPES:
             raise ConfigError(f"fp8.wgrad_dtype={self.wgrad_dtype!r}; choose one of {WGRAD_DTYPES}")
-        if not isinstance(self.routed_experts, bool):
-            raise ConfigError(f"fp8.routed_experts must be true or false, got {self.routed_experts!r}")
+        for name in ("routed_experts", "quantized_dispatch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"fp8.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("amax_floor", "grad_amax_floor"):
             value = getattr(self, name)
             # scale = floor / 448 must stay a normal fp32 number

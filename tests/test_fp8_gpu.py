@@ -4,6 +4,8 @@
 platform read as ``gpu``), values and gradients. That they compile for an H200 (ptxas, sm_90a) is checked in
 ``tests/test_aot_gpu.py``."""
 
+import dataclasses
+
 import fp8_reference as ref
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from mosaic_gpu_interpret import interpret
 from test_fp8 import GEMM_TOL, activations, assert_close, max_rel, recipe
 
 from dsjax.ops import fp8, fp8_gpu, fp8_grouped
+from dsjax.ops.moe import moe_ragged
 from dsjax.sharding import make_mesh
 
 TOL = GEMM_TOL["pallas"]  # the kernels promote where `blocked` does; fp32 sums within a slice re-associated
@@ -119,6 +122,29 @@ def test_gpu_pair_equals_two_gemms(on_gpu):
 
     assert "grouped_matmul_sum_kernel" in _kernel_names(loss("auto"), x, w_gate, w_up)
     assert_close(jax.jit(loss("auto"))(x, w_gate, w_up), jax.jit(loss("blocked"))(x, w_gate, w_up), tol=1e-6)
+
+
+def test_gpu_quantized_dispatch_is_exact(on_gpu):
+    """An FP8 MoE's routed experts on the kernels (``moe_ragged``: tokens sorted by expert, the SwiGLU pair,
+    the down projection) with the tokens quantised before they are sorted (``quantized_dispatch``, E4M3 and
+    scales moved) and after: the same output and gradients, bit for bit."""
+    m, k, d, f, e = 40, 3, 256, 128, 4
+    x = jnp.asarray(activations(80, (m, d)))
+    experts = jnp.asarray(np.random.default_rng(81).permuted(np.tile(np.arange(e), (m, 1)), axis=1)[:, :k])
+    weights = jnp.asarray(np.random.default_rng(82).random((m, k)), jnp.float32)
+    w_gate, w_up = (jnp.asarray(activations(s, (e, d, f)) * 0.02) for s in (83, 84))
+    w_down = jnp.asarray(activations(85, (e, f, d)) * 0.02)
+
+    def run(quantized):
+        gmm = fp8_grouped.grouped_matmul(dataclasses.replace(recipe("auto"), quantized_dispatch=quantized))
+        layer = lambda *a: moe_ragged(a[0], weights, experts, *a[1:], gmm=gmm)
+        y, pullback = jax.vjp(layer, x, w_gate, w_up, w_down)
+        return y, pullback(jnp.cos(y))
+
+    got, want = jax.jit(lambda: run(True))(), jax.jit(lambda: run(False))()
+    assert "grouped_matmul_sum_kernel" in _kernel_names(lambda: run(True))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gpu_kernels_only_where_they_apply(monkeypatch):

@@ -239,6 +239,54 @@ def test_grouped_pallas_kernels_in_the_moe_layer_equal_blocked(monkeypatch):
             assert rel_err(a, b) < 1e-5
 
 
+def _exchanged_dtypes(module, x) -> set[str]:
+    """The dtypes of the token rows (``hidden_size`` wide) the expert-parallel layer exchanges, both ways, read
+    from its jaxpr (CPU: ``all_to_all``; the real ``ragged_all_to_all`` is emulated with one)."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            rows = eqn.invars[0].aval if eqn.invars else None
+            if eqn.primitive.name in ("all_to_all", "ragged_all_to_all") and rows.shape[-1:] == x.shape[-1:]:
+                found.add(str(rows.dtype))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+
+    fn = lambda p, x: jax.vjp(lambda p_, x_: nnx.merge(graphdef, p_, rest)(x_, "ep")[0], p, x)[1](x)
+    walk(jax.make_jaxpr(fn)(params, x).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("backend", "capacity", "exchange"),
+    [("blocked", None, "auto"), ("blocked", 1.0, "ragged"), ("blocked", 1.0, "all_to_all"), ("pallas", 1.0, "ragged")],
+)
+def test_quantized_dispatch_is_exact(backend, capacity, exchange):
+    """``fp8.quantized_dispatch`` (the default): the tokens quantised before they are sorted and exchanged by
+    expert, their E4M3 values (as bytes) and scales moved instead of the float rows. Outputs, input gradients
+    and expert weight gradients are bit for bit those of quantising the moved rows, unpartitioned (``ragged``)
+    and under 8-device expert parallelism with drops (capacity 1.0; ``pallas``: the TPU kernels, interpreted);
+    the exchange carries uint8 rows one way and float ones back (and no uint8 rows without it)."""
+    from dsjax.layers.moe import MoE
+
+    results = {}
+    for quantized in (True, False):
+        fp8 = {"backend": backend, "quantized_dispatch": quantized}
+        cfg = CFG.replace(fp8=fp8, moe_capacity_factor=capacity, moe_exchange=exchange)
+        moe = MoE(cfg, rngs=nnx.Rngs(3), param_dtype=jnp.float32)
+        x = _moe_input(cfg)
+        results[quantized] = [_moe_vjp(moe, "ragged", x)] if backend == "blocked" else []
+        with jax.set_mesh(dsjax.sharding.make_mesh(data=2, expert=4)):
+            results[quantized].append(_moe_vjp(moe, "ep", x))
+            if exchange != "auto":
+                assert _exchanged_dtypes(moe, x) == ({"uint8", "float32"} if quantized else {"float32"})
+    chex.assert_trees_all_equal(results[True], results[False])
+
+
 def test_fp8_weights_model_layout():
     """A model built with fp8_weights keeps E4M3 projections + block scales; embedding, head and router float."""
     cfg = CFG.replace(fp8_weights=True, num_nextn_predict_layers=0)

@@ -11,6 +11,8 @@ over ``expert_axis`` of size ``P``; the weights are replicated over the other ax
    top-k in descending score order, so column ``j`` is the ``j``-th best expert);
 2. exchanges them over ``expert_axis`` (see *Exchanges*), together with each row's local expert id;
 3. sorts the received rows by local expert and runs the local experts with ``jax.lax.ragged_dot`` (``gmm``);
+   steps 1-3 move rows only, so a ``gmm`` with a ``dispatch`` (:func:`dsjax.ops.moe.dispatch_rows`) may move
+   another form of them: the FP8 GEMMs quantise the tokens first and move E4M3 values and scales;
    empty buffer rows carry the id ``E_l``, sort last and fall outside every group, and their gate/up activations
    are masked to zero, so they contribute nothing and cannot inject NaNs into values or gradients;
 4. returns the results by the reverse exchange and combines them with the routing weights into ``[m_l, d]`` in
@@ -71,6 +73,7 @@ from jax.sharding import PartitionSpec
 
 from dsjax.ops.moe import (
     combine_slots,
+    dispatch_rows,
     gate_and_up,
     gather_slot_rows,
     moe_ragged,
@@ -235,7 +238,6 @@ def _moe_local(
     starts = jnp.cumsum(counts) - counts  # first send position of every destination
     rank = jnp.arange(slots, dtype=jnp.int32) - starts[sorted_dest]  # position within the destination's chunk
     inverse = permutation_inverse(order)
-    send_x = gather_slot_rows(x_md, order, inverse, "kmd")
     send_e = (flat % local_experts)[order].astype(jnp.int32)
 
     if exchange == "all_to_all":
@@ -243,13 +245,9 @@ def _moe_local(
         # Bucket cell of every send position; overflowing ones point past the buffer and are neither sent nor
         # gathered back (fill 0), so they get zero output and zero gradient.
         cell = jnp.where(rank < cap, sorted_dest * cap + rank, shards * cap)
-        buf_x = jnp.zeros((shards * cap, x_md.shape[1]), x_md.dtype).at[cell].set(send_x, mode="drop")
         buf_e = jnp.full((shards * cap,), local_experts, jnp.int32).at[cell].set(send_e, mode="drop")
-        recv_x = jax.lax.all_to_all(buf_x, axis, 0, 0, tiled=True)
         recv_e = jax.lax.all_to_all(buf_e, axis, 0, 0, tiled=True)
-        y_recv = _grouped_ffn(recv_x, recv_e, w_gate_edf, w_up_edf, w_down_efd, gmm)
-        back = jax.lax.all_to_all(y_recv, axis, 0, 0, tiled=True)
-        y_sent = jnp.take(back, cell, axis=0, mode="fill", fill_value=0)
+        plan = (cell,)
     else:
         me = jax.lax.axis_index(axis)
         # Every device sees every source's per-(destination, column) counts and derives the same plan.
@@ -264,12 +262,25 @@ def _moe_local(
 
         there = (starts, send_sizes, output_offsets, recv_sizes)
         back = (recv_offsets, recv_sizes, source_starts, send_sizes)  # the same chunks, the other way
-        recv_x = _ragged_rows(send_x, there, back, slots, rows, axis, emulate)
         recv_e = _ragged_all_to_all(
             send_e, jnp.full_like(send_e, local_experts, shape=(rows,)), *there, axis=axis, emulate=emulate
         )
-        y_recv = _grouped_ffn(recv_x, recv_e, w_gate_edf, w_up_edf, w_down_efd, gmm)
-        # Reverse trip: rows dropped on the way out stay zero in the send-ordered result.
+        plan = (there, back)
+
+    r_order = stable_argsort(recv_e)  # the empty-row sentinel sorts last; bincount leaves it out
+    r_inverse = permutation_inverse(r_order)
+    group_sizes = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
+    move = functools.partial(
+        _to_expert_rows, exchange=exchange, axis=axis, emulate=emulate, slots=slots, rows=rows, shards=shards
+    )
+    x_sorted = dispatch_rows(gmm, x_md, move, (order, inverse, plan, r_order, r_inverse))
+    y_sorted = _grouped_ffn(x_sorted, group_sizes, w_gate_edf, w_up_edf, w_down_efd, gmm)
+    y_recv = permute_rows(y_sorted, r_inverse, r_order)
+    # Reverse trip: rows dropped on the way out stay zero in the send-ordered result.
+    if exchange == "all_to_all":
+        back_rows = jax.lax.all_to_all(y_recv, axis, 0, 0, tiled=True)
+        y_sent = jnp.take(back_rows, cell, axis=0, mode="fill", fill_value=0)
+    else:
         y_sent = _ragged_rows(y_recv, back, there, rows, slots, axis, emulate)
 
     y_slots = permute_rows(y_sent, inverse, order).reshape(k, m, -1)
@@ -334,17 +345,30 @@ def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offset
     return output.at[dst].set(received.reshape(dst.shape[0], *operand.shape[1:]), mode="drop")
 
 
-def _grouped_ffn(recv_x, recv_e, w_gate_edf, w_up_edf, w_down_efd, gmm):
-    """SwiGLU experts on received rows (local expert id per row; ``E_l`` marks empty rows), in buffer order."""
-    local_experts = jax.tree.leaves(w_gate_edf)[0].shape[0]
-    r_order = stable_argsort(recv_e)  # the empty-row sentinel sorts last; bincount leaves it out
-    r_inverse = permutation_inverse(r_order)
-    group_sizes = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
-    valid = (jnp.arange(recv_e.shape[0]) < group_sizes.sum())[:, None]
-    x_sorted = permute_rows(recv_x, r_order, r_inverse)
+def _to_expert_rows(a, index, *, exchange, axis, emulate, slots, rows, shards):
+    """Local token rows ``a [m, ...]`` moved to the grouped FFN's rows: each slot's copy in send order, exchanged
+    over ``axis``, then sorted by local expert (``index``: the slot order and its inverse, the exchange's plan,
+    the received rows' expert order and its inverse). A row movement (every result row a copy of one input row,
+    or zeros), so it applies to any row array: activations, or their E4M3 values and scales."""
+    order, inverse, plan, r_order, r_inverse = index
+    send = gather_slot_rows(a, order, inverse, "kmd")
+    if exchange == "all_to_all":
+        (cell,) = plan
+        buf = jnp.zeros((shards * rows, *a.shape[1:]), a.dtype).at[cell].set(send, mode="drop")
+        recv = jax.lax.all_to_all(buf, axis, 0, 0, tiled=True)
+    else:
+        there, back = plan
+        recv = _ragged_rows(send, there, back, slots, rows, axis, emulate)
+    return permute_rows(recv, r_order, r_inverse)
+
+
+def _grouped_ffn(x_sorted, group_sizes, w_gate_edf, w_up_edf, w_down_efd, gmm):
+    """SwiGLU experts on expert-sorted rows (rows past the groups are empty buffer rows: their gate/up
+    activations are masked to zero, so they contribute nothing and cannot inject NaNs)."""
+    rows = jax.tree.leaves(x_sorted)[0].shape[0]  # an array, or FP8 rows (values, scales, gradient sink)
+    valid = (jnp.arange(rows) < group_sizes.sum())[:, None]
     gate, up = (jnp.where(valid, h, 0) for h in gate_and_up(gmm, x_sorted, w_gate_edf, w_up_edf, group_sizes))
-    y_sorted = gmm(swiglu(gate, up), w_down_efd, group_sizes)
-    return permute_rows(y_sorted, r_inverse, r_order)
+    return gmm(swiglu(gate, up), w_down_efd, group_sizes)
 
 
 def dropped_slots(

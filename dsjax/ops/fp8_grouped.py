@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from dsjax.config import Fp8Recipe
-from dsjax.ops import fp8_gpu, fp8_grouped_pallas, fp8_pallas
+from dsjax.ops import fp8_gpu, fp8_grouped_pallas, fp8_rows
 from dsjax.ops.fp8 import (
     _HIGHEST,
     E4M3,
@@ -43,17 +43,9 @@ from dsjax.ops.fp8 import (
     sink_dtype,
     tile_scale,
     uses_gpu_kernels,
-    uses_pallas,
 )
+from dsjax.ops.fp8_rows import Fp8Rows
 from dsjax.sharding import free_axes
-
-
-def _grouped_kernels(recipe: Fp8Recipe) -> bool:
-    """Whether the grouped GEMMs run :mod:`dsjax.ops.fp8_grouped_pallas`'s kernels: as the dense ones, where
-    the rows are this device's own (no mesh axis left to split: unpartitioned, or inside expert parallelism's
-    ``shard_map``). A grouped kernel cannot be split by rows like the dense ones (the groups are the batch's);
-    elsewhere the grouped GEMMs stay ``blocked`` (same tiles, same values)."""
-    return uses_pallas(recipe) and not free_axes()
 
 
 def _gpu_kernels(recipe: Fp8Recipe) -> bool:
@@ -176,7 +168,7 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float
     tiles (a tile never mixes two experts' tokens). Returns ``[E, K, N]`` in ``out_dtype`` (summed in fp32). The
     blocked backend forms one fp32 ``[K, N]`` partial product per tile (``S/B + E`` tiles), ``_WGRAD_CHUNK_BYTES``
     of them at a time."""
-    if _grouped_kernels(recipe):
+    if fp8_rows.grouped_kernels(recipe):
         x_tiles, g_tiles = _kernel_tiles(recipe), _kernel_tiles(_grad_recipe(recipe))
         return fp8_grouped_pallas.grouped_weight_grad(
             xq, sx, g, group_sizes, x_tiles=x_tiles, g_tiles=g_tiles, out_dtype=out_dtype
@@ -198,8 +190,15 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float
         g_tiles, sgt = tile_quantize(g[rows].astype(jnp.float32), valid, _grad_recipe(recipe))
         return x_tiles, sxt, g_tiles, sgt
 
-    if _gpu_kernels(recipe):  # all tiles re-tiled by XLA, tokens last (K-major for the E4M3 wgmma)
-        x_tiles, sxt, g_tiles, sgt = retiled(rows, valid)
+    if _gpu_kernels(recipe):  # the tiles re-tiled by XLA, tokens last (K-major for the E4M3 wgmma)
+        # A chunk of tiles at a time: all at once, XLA kept the fp32 values of every tile, [T, B, K] (7.1 GiB at
+        # 4 x 4096 tokens of a V3 layer per H200); per chunk they stay within _WGRAD_CHUNK_BYTES.
+        chunk = max(1, min(num_tiles, _WGRAD_CHUNK_BYTES // (4 * b * (k + n))))
+        chunks = -(-num_tiles // chunk)
+        pad = chunks * chunk - num_tiles
+        tiles = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(chunks, chunk, b) for a in (rows, valid)]
+        parts = jax.lax.map(lambda t: retiled(*t), tiles)
+        x_tiles, sxt, g_tiles, sgt = (p.reshape(chunks * chunk, *p.shape[2:])[:num_tiles] for p in parts)
         xt, gt = (t.transpose(2, 0, 1).reshape(t.shape[2], -1) for t in (x_tiles, g_tiles))
         return fp8_gpu.grouped_weight_grad(xt, sxt, gt, sgt, tiles_per, out_dtype=out_dtype)
     if recipe.backend == "reference":
@@ -248,30 +247,34 @@ def _quantize_experts(w, recipe: Fp8Recipe):
 
 
 def _grouped_forward(x, wq, sw, group_sizes, recipe: Fp8Recipe):
-    """``(y in x.dtype, xq, sx)``: x quantised and multiplied a chunk of rows at a time (in one pass by the
-    kernels, which keep no fp32 copies)."""
-    if _grouped_kernels(recipe):
-        xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))
+    """``(y in x's float dtype, xq, sx)``: x (or :class:`Fp8Rows`, quantised ahead) quantised and multiplied a
+    chunk of rows at a time (in one pass by the kernels, which keep no fp32 copies)."""
+    if fp8_rows.grouped_kernels(recipe):
+        xq, sx, dtype = fp8_rows.quantized(x, fp8_rows.row_quantizer(recipe))
         sw_cols = _expert_column_scales(sw, wq.shape[2], recipe.block)
-        return fp8_grouped_pallas.grouped_matmul(xq, sx, wq, sw_cols, group_sizes, out_dtype=x.dtype), xq, sx
+        return fp8_grouped_pallas.grouped_matmul(xq, sx, wq, sw_cols, group_sizes, out_dtype=dtype), xq, sx
     if _gpu_kernels(recipe):  # w^T: the kernels take E4M3 operands with the contraction last
-        xq, sx = quantize_rows(x, recipe)
-        y = fp8_gpu.grouped_matmul(xq, sx, wq.transpose(0, 2, 1), sw, group_sizes, out_dtype=x.dtype)
+        xq, sx, dtype = fp8_rows.quantized(x, fp8_rows.row_quantizer(recipe))
+        y = fp8_gpu.grouped_matmul(xq, sx, wq.transpose(0, 2, 1), sw, group_sizes, out_dtype=dtype)
+        return y, xq, sx
+    pre = isinstance(x, Fp8Rows)
+    dtype = fp8_rows.float_dtype(x)
+
+    def rows(*chunk_args):
+        *row_args, gs = chunk_args
+        xq, sx = row_args if pre else quantize_rows(row_args[0], recipe)
+        y = _ragged_gemm(xq, sx, wq, sw, gs, col_block=recipe.block, recipe=recipe).astype(dtype)
         return y, xq, sx
 
-    def rows(xc, gs):
-        xq, sx = quantize_rows(xc, recipe)
-        y = _ragged_gemm(xq, sx, wq, sw, gs, col_block=recipe.block, recipe=recipe).astype(x.dtype)
-        return y, xq, sx
-
-    width = max(x.shape[1], wq.shape[2])
-    return _over_row_chunks(rows, (x,), group_sizes, _row_chunk(x.shape[0], width, recipe.block))
+    row_args = (x.values, x.scales) if pre else (x,)
+    s_rows, k = row_args[0].shape
+    return _over_row_chunks(rows, row_args, group_sizes, _row_chunk(s_rows, max(k, wq.shape[2]), recipe.block))
 
 
 def _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes, dtype):
     """``dx = g . w^T`` per expert, a chunk of rows at a time, summed over ``axes``; in ``dtype``."""
     chunk_dtype = jnp.float32 if axes else dtype  # fp32 until summed over the reduction axes, if any
-    if _grouped_kernels(recipe):  # g's tiles quantised in the kernel, w^T read in place
+    if fp8_rows.grouped_kernels(recipe):  # g's tiles quantised in the kernel, w^T read in place
         sw_cols = _expert_column_scales(sw.transpose(0, 2, 1), wq.shape[1], recipe.block)
         tiles = _kernel_tiles(_grad_recipe(recipe))
         dx = fp8_grouped_pallas.grouped_matmul(
@@ -307,7 +310,7 @@ def _grouped_fwd(recipe, axes, x, wq, sw, sink, group_sizes):
     y, xq, sx = _grouped_forward(x, wq, sw, group_sizes, recipe)
     if sink is None:
         xq = sx = None
-    return y, (xq, sx, wq, sw, sink_dtype(sink), group_sizes, jnp.zeros((), x.dtype))
+    return y, (xq, sx, wq, sw, sink_dtype(sink), group_sizes, fp8_rows.input_like(x))
 
 
 def _weight_grad(xq, sx, g, group_sizes, recipe, axes, grad_dtype):
@@ -319,10 +322,16 @@ def _weight_grad(xq, sx, g, group_sizes, recipe, axes, grad_dtype):
 
 
 def _grouped_bwd(recipe, axes, res, g):
-    xq, sx, wq, sw, grad_dtype, group_sizes, x_dtype = res
-    dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], x_dtype.dtype)
+    xq, sx, wq, sw, grad_dtype, group_sizes, like = res
+    dx = _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes[0], g.dtype)
     dw = _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], grad_dtype)
-    return dx, jnp.zeros_like(wq), jnp.zeros_like(sw), dw, _int_zero(group_sizes)
+    return (
+        fp8_rows.input_cotangent(like, dx, recipe.block),
+        jnp.zeros_like(wq),
+        jnp.zeros_like(sw),
+        dw,
+        _int_zero(group_sizes),
+    )
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
@@ -336,15 +345,16 @@ def fp8_experts(w, recipe: Fp8Recipe, dtype, spec: PartitionSpec | None = None) 
 
 
 def fp8_ragged_dot(x, w, group_sizes, recipe: Fp8Recipe, w_scale=None):
-    """Grouped FP8 GEMM: ``x [S, K]`` rows sorted by expert, ``w [E, K, N]``, ``group_sizes [E]`` -> ``[S, N]``.
+    """Grouped FP8 GEMM: ``x [S, K]`` rows sorted by expert (or :class:`Fp8Rows`, quantised ahead), ``w [E, K,
+    N]``, ``group_sizes [E]`` -> ``[S, N]``.
 
     Same contract as ``jax.lax.ragged_dot``; ``w`` float (quantised here in BxB blocks per expert), E4M3 with
     ``w_scale [E, ceil(K/B), ceil(N/B)]`` (no weight gradient), or an :class:`Fp8Weight` (its ``grad`` gets
     the weight gradient).
     """
     if not isinstance(w, Fp8Weight):
-        w = fp8_experts(w, recipe, x.dtype) if w_scale is None else Fp8Weight(w, w_scale, None)
-    axes = _reductions(x, w.values)
+        w = fp8_experts(w, recipe, fp8_rows.float_dtype(x)) if w_scale is None else Fp8Weight(w, w_scale, None)
+    axes = _reductions(fp8_rows.rows_array(x), w.values)
     return _grouped(recipe, axes, x, w.values, w.scales, w.grad, group_sizes.astype(jnp.int32))
 
 
@@ -354,15 +364,14 @@ def _gate_up(recipe, axes, x, gate: Fp8Weight, up: Fp8Weight, group_sizes):
 
 
 def _gate_up_fwd(recipe, axes, x, gate, up, group_sizes):
-    # x quantised once for both projections (and both weight gradients)
+    # x quantised once for both projections (and both weight gradients), here or before its dispatch
+    xq, sx, dtype = fp8_rows.quantized(x, fp8_rows.row_quantizer(recipe))
     if _gpu_kernels(recipe):  # w^T: E4M3 operands with the contraction last
-        xq, sx = quantize_rows(x, recipe)
         outs = tuple(
-            fp8_gpu.grouped_matmul(xq, sx, w.values.transpose(0, 2, 1), w.scales, group_sizes, out_dtype=x.dtype)
+            fp8_gpu.grouped_matmul(xq, sx, w.values.transpose(0, 2, 1), w.scales, group_sizes, out_dtype=dtype)
             for w in (gate, up)
         )
     else:
-        xq, sx = fp8_pallas.quantize(x, _kernel_tiles(recipe))
         outs = tuple(
             fp8_grouped_pallas.grouped_matmul(
                 xq,
@@ -370,18 +379,18 @@ def _gate_up_fwd(recipe, axes, x, gate, up, group_sizes):
                 w.values,
                 _expert_column_scales(w.scales, w.values.shape[2], recipe.block),
                 group_sizes,
-                out_dtype=x.dtype,
+                out_dtype=dtype,
             )
             for w in (gate, up)
         )
     held = tuple((w.values, w.scales, sink_dtype(w.grad)) for w in (gate, up))
-    return outs, (xq, sx, held, group_sizes, jnp.zeros((), x.dtype))
+    return outs, (xq, sx, held, group_sizes, fp8_rows.input_like(x))
 
 
 def _gate_up_bwd(recipe, axes, res, cts):
-    xq, sx, held, group_sizes, x_dtype = res
+    xq, sx, held, group_sizes, like = res
     b = recipe.block
-    dx_dtype = _dgrad_dtype(axes[0], x_dtype.dtype)
+    dx_dtype = _dgrad_dtype(axes[0], cts[0].dtype)
     if _gpu_kernels(recipe):  # g_gate . w_gate^T + g_up . w_up^T in one accumulator
         terms = [
             (*quantize_rows(g, _grad_recipe(recipe)), v, sw.transpose(0, 2, 1))
@@ -400,7 +409,7 @@ def _gate_up_bwd(recipe, axes, res, cts):
         Fp8Weight(jnp.zeros_like(v), jnp.zeros_like(sw), _weight_grad(xq, sx, g, group_sizes, recipe, axes[1], k))
         for g, (v, sw, k) in zip(cts, held, strict=True)
     )
-    return _reduce(dx, axes[0], x_dtype.dtype), *dws, _int_zero(group_sizes)
+    return fp8_rows.input_cotangent(like, _reduce(dx, axes[0], cts[0].dtype), b), *dws, _int_zero(group_sizes)
 
 
 _gate_up.defvjp(_gate_up_fwd, _gate_up_bwd)
@@ -415,20 +424,30 @@ class GroupedMatmul:
     grouped kernels run, the pair quantises ``x`` once for both and computes their input gradient ``g_gate .
     w_gate^T + g_up . w_up^T`` in one kernel pass (one ``[rows, K]`` result, not two to be added), float
     weights quantised by :func:`fp8_experts` (their gradients in ``wgrad_dtype``); elsewhere it is the two
-    GEMMs."""
+    GEMMs. ``x`` may also be :class:`Fp8Rows`, quantised before the dispatch (:meth:`dispatch`)."""
 
     def __init__(self, recipe: Fp8Recipe):
         self.recipe = recipe
 
     def __call__(self, x, w, group_sizes):
-        return fp8_ragged_dot(x, self._experts(w, x.dtype), group_sizes, self.recipe)
+        return fp8_ragged_dot(x, self._experts(w, fp8_rows.float_dtype(x)), group_sizes, self.recipe)
 
     def pair(self, x, w_gate, w_up, group_sizes):
-        gate, up = (self._experts(w, x.dtype) for w in (w_gate, w_up))
-        if not (_grouped_kernels(self.recipe) or _gpu_kernels(self.recipe)):
+        gate, up = (self._experts(w, fp8_rows.float_dtype(x)) for w in (w_gate, w_up))
+        if not (fp8_rows.grouped_kernels(self.recipe) or _gpu_kernels(self.recipe)):
             return self(x, gate, group_sizes), self(x, up, group_sizes)
-        axes = _reductions(x, gate.values)
+        axes = _reductions(fp8_rows.rows_array(x), gate.values)
         return _gate_up(self.recipe, axes, x, gate, up, group_sizes.astype(jnp.int32))
+
+    def dispatch(self, x, move, index):
+        """``move(x, index)``, the rows this ``gmm`` takes (:func:`dsjax.ops.moe.dispatch_rows`). With
+        ``Fp8Recipe.quantized_dispatch``, ``x`` is quantised here, in the ``1 x B`` tiles the GEMMs would give
+        the moved rows (the same values: a tile is within a row), and its E4M3 values and scales are moved
+        (:func:`dsjax.ops.fp8_rows.dispatch`): :class:`Fp8Rows`, half the bytes of bf16 rows across the
+        exchange, whose input gradient ``move``'s transpose takes back to ``x``."""
+        if not self.recipe.quantized_dispatch:
+            return move(x, index)
+        return fp8_rows.dispatch(self.recipe, move, x, index)
 
     def _experts(self, w, dtype) -> Fp8Weight:
         if isinstance(w, Fp8Weight):

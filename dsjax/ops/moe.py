@@ -156,6 +156,22 @@ def zero_rows_past_groups(y, group_sizes):
     return jnp.where(used.reshape(-1, *(1,) * (y.ndim - 1)), y, 0).astype(y.dtype)
 
 
+def dispatch_rows(gmm, x, move, index):
+    """``move(x, index)``: token rows moved to where the grouped GEMMs take them (``move`` is a row movement --
+    every result row a copy of one row of ``x``, or zeros -- e.g. each token's slots sorted by expert, or
+    exchanged under expert parallelism; ``index`` its index arrays). Through ``gmm.dispatch(x, move, index)``
+    where the ``gmm`` has one: the FP8 GEMMs quantise the tokens first and move their E4M3 values and scales,
+    half the bytes of bf16 rows (DeepSeek-V3 dispatches in FP8), with the same values as quantising the moved
+    rows."""
+    dispatch = getattr(gmm, "dispatch", None)
+    return move(x, index) if dispatch is None else dispatch(x, move, index)
+
+
+def _expert_slot_rows(a, index):
+    """The rows of ``a [m, ...]`` of every ``"mkd"`` slot, in ``index = (order, inverse)``'s order."""
+    return gather_slot_rows(a, *index, "mkd")
+
+
 def gate_and_up(gmm, x, w_gate, w_up, group_sizes):
     """The experts' two SwiGLU input projections of the same rows: ``gmm.pair`` where the ``gmm`` has one (the
     FP8 kernels compute both together), else two ``gmm`` calls."""
@@ -180,7 +196,7 @@ def moe_ragged(x_md, weights_mk, experts_mk, w_gate_edf, w_up_edf, w_down_efd, *
     order = stable_argsort(flat)  # slot ids grouped by expert
     inverse = permutation_inverse(order)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    x_sorted = gather_slot_rows(x_md, order, inverse, "mkd")
+    x_sorted = dispatch_rows(gmm, x_md, _expert_slot_rows, (order, inverse))
     hidden = swiglu(*gate_and_up(gmm, x_sorted, w_gate_edf, w_up_edf, group_sizes))
     y_sorted = gmm(hidden, w_down_efd, group_sizes)
     y_slots = permute_rows(y_sorted, inverse, order).reshape(m, k, -1)
