@@ -104,7 +104,8 @@ class Fp8Recipe:
     ``quantized_dispatch``: the routed experts' input rows quantised before they are sorted and exchanged by
     expert (DeepSeek-V3 dispatches in FP8): their E4M3 values and scales move, half the bytes of bf16 rows, and
     the GEMMs take them as they are. The same numbers as quantising the moved rows (the ``1 x block`` tiles lie
-    within a row); False moves the rows in the compute dtype.
+    within a row); False moves the rows in the compute dtype. It applies where the experts run as grouped GEMMs
+    (the ``ragged`` and ``ep`` dispatches), not to the per-block ``blocked`` dispatch of CPU.
     ``pow2_scales`` rounds every scale up to a power of two (DeepSeek-V3.1's UE8M0 scales), which makes the
     1x128 -> 128x1 re-tiling in the backward pass nearly lossless.
     ``amax_floor`` (1e-4, from DeepSeek's activation-quantisation kernel) applies to activations and weights;

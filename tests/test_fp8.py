@@ -585,6 +585,45 @@ def test_fp8_ragged_dot_row_chunks_are_bitwise_equal(monkeypatch, groups):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _slot_rows(a, index):
+    """A row movement for the tests: each of 130 tokens' two slots in ``perm``'s order, then 40 empty rows."""
+    (perm,) = index
+    return jnp.concatenate([a[perm % a.shape[0]], jnp.zeros((40, *a.shape[1:]), a.dtype)])
+
+
+@pytest.mark.parametrize("backend", ["blocked", "pallas"])
+def test_rows_quantised_before_their_move_equal_the_moved_rows_quantised(monkeypatch, backend):
+    """``quantized_dispatch``: tokens quantised, their E4M3 bytes and scales moved (``fp8_rows.dispatch``: each
+    token twice, in expert order, then empty rows past the groups), into the SwiGLU pair and the down
+    projection. Values and the gradients of the tokens and all three expert weights are bit for bit those of
+    moving the float tokens and quantising the moved rows, with ``blocked``'s row chunks (128 rows, edges inside
+    groups) and through the TPU kernels (interpreted)."""
+    monkeypatch.setattr(fp8_grouped, "_ROW_CHUNK_BYTES", 4 * 200 * 128)  # 128-row chunks of the 300 rows
+    x = jnp.asarray(activations(90, (130, 200)))
+    x = x.at[7].set(0.0)  # a zero token: its tiles' scales come from the floor
+    w_gate, w_up = (jnp.asarray(activations(s, (4, 200, 136)) * 0.02) for s in (91, 92))
+    w_down = jnp.asarray(activations(93, (4, 136, 200)) * 0.02)
+    perm = jnp.asarray(np.random.default_rng(94).permutation(260))
+    sizes = jnp.asarray([60, 0, 120, 80])
+    kinds = []
+
+    def run(quantized):
+        gmm = fp8_grouped.grouped_matmul(replace(recipe(backend), quantized_dispatch=quantized))
+
+        def f(x, w_gate, w_up, w_down):
+            rows = gmm.dispatch(x, _slot_rows, (perm,))
+            kinds.append(type(rows).__name__)
+            gate, up = gmm.pair(rows, w_gate, w_up, sizes)
+            return jnp.sum(gmm(jnp.tanh(gate) * up, w_down, sizes) ** 2)
+
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2, 3)))(x, w_gate, w_up, w_down)
+
+    got, want = run(True), run(False)
+    assert kinds[0] == "Fp8Rows" and kinds[1] != "Fp8Rows"  # E4M3 moved, then the float rows
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ---- 5. transformations ----------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import pytest
 from mosaic_gpu_interpret import interpret
 from test_fp8 import GEMM_TOL, activations, assert_close, max_rel, recipe
 
-from dsjax.ops import fp8, fp8_gpu, fp8_grouped
+from dsjax.ops import fp8, fp8_gpu, fp8_grouped, fp8_rows
 from dsjax.ops.moe import moe_ragged
 from dsjax.sharding import make_mesh
 
@@ -56,10 +56,12 @@ def _kernel_names(fn, *args) -> str:
         ([3, 0, 200, 1, 0, 96], 200, 136),  # many experts in one tile, an empty one at a tile's middle
     ],
 )
-def test_gpu_grouped_kernels_match_the_oracle(on_gpu, groups, k, n):
+def test_gpu_grouped_kernels_match_the_oracle(on_gpu, monkeypatch, groups, k, n):
     """``fp8_ragged_dot`` through the kernels -- forward (``x`` quantised 1 x 128, ``w^T`` E4M3), input
     gradient (``g`` quantised, ``w`` read as it is) and weight gradient (both re-tiled 128 x 1 along each
-    expert's tokens, transposed) -- against the oracle; rows past the groups and experts without rows zero."""
+    expert's tokens, three tiles at a time with a padded last chunk, transposed) -- against the oracle; rows
+    past the groups and experts without rows zero."""
+    monkeypatch.setattr(fp8_grouped, "_WGRAD_CHUNK_BYTES", 4 * 128 * (k + n) * 3)
     groups = np.array(groups)
     rows = 300
     x = activations(70, (rows, k))
@@ -124,7 +126,7 @@ def test_gpu_pair_equals_two_gemms(on_gpu):
     assert_close(jax.jit(loss("auto"))(x, w_gate, w_up), jax.jit(loss("blocked"))(x, w_gate, w_up), tol=1e-6)
 
 
-def test_gpu_quantized_dispatch_is_exact(on_gpu):
+def test_gpu_quantized_dispatch_is_exact(on_gpu, monkeypatch):
     """An FP8 MoE's routed experts on the kernels (``moe_ragged``: tokens sorted by expert, the SwiGLU pair,
     the down projection) with the tokens quantised before they are sorted (``quantized_dispatch``, E4M3 and
     scales moved) and after: the same output and gradients, bit for bit."""
@@ -135,6 +137,10 @@ def test_gpu_quantized_dispatch_is_exact(on_gpu):
     w_gate, w_up = (jnp.asarray(activations(s, (e, d, f)) * 0.02) for s in (83, 84))
     w_down = jnp.asarray(activations(85, (e, f, d)) * 0.02)
 
+    traced = []
+    dispatch = fp8_rows.dispatch
+    monkeypatch.setattr(fp8_rows, "dispatch", lambda *args: traced.append(args[2].shape) or dispatch(*args))
+
     def run(quantized):
         gmm = fp8_grouped.grouped_matmul(dataclasses.replace(recipe("auto"), quantized_dispatch=quantized))
         layer = lambda *a: moe_ragged(a[0], weights, experts, *a[1:], gmm=gmm)
@@ -142,6 +148,7 @@ def test_gpu_quantized_dispatch_is_exact(on_gpu):
         return y, pullback(jnp.cos(y))
 
     got, want = jax.jit(lambda: run(True))(), jax.jit(lambda: run(False))()
+    assert traced == [(m, d)]  # the tokens quantised once, before the sort (only with quantized_dispatch)
     assert "grouped_matmul_sum_kernel" in _kernel_names(lambda: run(True))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)

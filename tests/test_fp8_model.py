@@ -8,6 +8,7 @@ about 24 of them in sequence give 13-17% on these random-weight models, and a to
 differs at order 1, so max-norm bounds say little. Training is where FP8 fidelity shows (scripts/fp8_vs_bf16.py).
 """
 
+import collections
 import functools
 import json
 import os
@@ -239,25 +240,24 @@ def test_grouped_pallas_kernels_in_the_moe_layer_equal_blocked(monkeypatch):
             assert rel_err(a, b) < 1e-5
 
 
-def _exchanged_dtypes(module, x) -> set[str]:
-    """The dtypes of the token rows (``hidden_size`` wide) the expert-parallel layer exchanges, both ways, read
-    from its jaxpr (CPU: ``all_to_all``; the real ``ragged_all_to_all`` is emulated with one)."""
+def _exchanged_rows(module, x) -> collections.Counter:
+    """How many exchanges of token rows (``hidden_size`` wide) of each dtype the expert-parallel layer's forward
+    makes, read from its jaxpr (CPU: ``all_to_all``; the real ``ragged_all_to_all`` is emulated with one)."""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    found = set()
+    found = collections.Counter()
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             rows = eqn.invars[0].aval if eqn.invars else None
             if eqn.primitive.name in ("all_to_all", "ragged_all_to_all") and rows.shape[-1:] == x.shape[-1:]:
-                found.add(str(rows.dtype))
+                found[str(rows.dtype)] += 1
             for value in eqn.params.values():
                 for sub in value if isinstance(value, tuple) else (value,):
                     sub = getattr(sub, "jaxpr", sub)
                     if hasattr(sub, "eqns"):
                         walk(sub)
 
-    fn = lambda p, x: jax.vjp(lambda p_, x_: nnx.merge(graphdef, p_, rest)(x_, "ep")[0], p, x)[1](x)
-    walk(jax.make_jaxpr(fn)(params, x).jaxpr)
+    walk(jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p, rest)(x, "ep")[0])(params, x).jaxpr)
     return found
 
 
@@ -265,26 +265,36 @@ def _exchanged_dtypes(module, x) -> set[str]:
     ("backend", "capacity", "exchange"),
     [("blocked", None, "auto"), ("blocked", 1.0, "ragged"), ("blocked", 1.0, "all_to_all"), ("pallas", 1.0, "ragged")],
 )
-def test_quantized_dispatch_is_exact(backend, capacity, exchange):
+def test_quantized_dispatch_is_exact(monkeypatch, backend, capacity, exchange):
     """``fp8.quantized_dispatch`` (the default): the tokens quantised before they are sorted and exchanged by
     expert, their E4M3 values (as bytes) and scales moved instead of the float rows. Outputs, input gradients
     and expert weight gradients are bit for bit those of quantising the moved rows, unpartitioned (``ragged``)
-    and under 8-device expert parallelism with drops (capacity 1.0; ``pallas``: the TPU kernels, interpreted);
-    the exchange carries uint8 rows one way and float ones back (and no uint8 rows without it)."""
+    and under 8-device expert parallelism with drops (capacity 1.0; ``pallas``: the TPU kernels, interpreted).
+    The dispatch is traced on every path, and the forward's exchange carries uint8 rows in place of float ones
+    (the same number of trips; the results come back in float)."""
     from dsjax.layers.moe import MoE
+    from dsjax.ops import fp8_rows
 
-    results = {}
+    traced = []
+    dispatch = fp8_rows.dispatch
+    monkeypatch.setattr(fp8_rows, "dispatch", lambda *args: traced.append(args[2].shape) or dispatch(*args))
+    results, exchanged = {}, {}
     for quantized in (True, False):
         fp8 = {"backend": backend, "quantized_dispatch": quantized}
         cfg = CFG.replace(fp8=fp8, moe_capacity_factor=capacity, moe_exchange=exchange)
         moe = MoE(cfg, rngs=nnx.Rngs(3), param_dtype=jnp.float32)
         x = _moe_input(cfg)
-        results[quantized] = [_moe_vjp(moe, "ragged", x)] if backend == "blocked" else []
+        results[quantized] = []
+        if backend == "blocked":
+            results[quantized].append(_moe_vjp(moe, "ragged", x))
+            assert len(traced) == quantized, traced  # moe_ragged's sort, on the 32 tokens
         with jax.set_mesh(dsjax.sharding.make_mesh(data=2, expert=4)):
             results[quantized].append(_moe_vjp(moe, "ep", x))
-            if exchange != "auto":
-                assert _exchanged_dtypes(moe, x) == ({"uint8", "float32"} if quantized else {"float32"})
+            exchanged[quantized] = _exchanged_rows(moe, x)
+        assert len(traced) == quantized * (3 if backend == "blocked" else 2), traced  # ragged, ep, its jaxpr
+        traced.clear()
     chex.assert_trees_all_equal(results[True], results[False])
+    assert exchanged[True] == {"uint8": 1, "float32": 1} and exchanged[False] == {"float32": 2}, exchanged
 
 
 def test_fp8_weights_model_layout():

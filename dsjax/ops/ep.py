@@ -302,8 +302,9 @@ def _ragged_plan(counts_srj, rows):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _ragged_rows(operand, there, back, in_rows, out_rows, axis, emulate):
-    """Ragged exchange of float rows into a zero ``[out_rows, ...]`` buffer along the plan ``there`` (input offsets,
-    send sizes, output offsets, receive sizes); its cotangent goes back along ``back``, the same chunks reversed.
+    """Ragged exchange of rows (activations, or FP8 bytes and scales) into a zero ``[out_rows, ...]`` buffer along
+    the plan ``there`` (input offsets, send sizes, output offsets, receive sizes); its cotangent goes back along
+    ``back``, the same chunks reversed.
 
     ``jax.lax.ragged_all_to_all`` has a transpose rule (jax 0.10.2), but it re-derives the reverse offsets with two
     extra all_to_alls per exchange; every device already knows them from the plan. The backward also runs through

@@ -257,18 +257,20 @@ def _grouped_forward(x, wq, sw, group_sizes, recipe: Fp8Recipe):
         xq, sx, dtype = fp8_rows.quantized(x, fp8_rows.row_quantizer(recipe))
         y = fp8_gpu.grouped_matmul(xq, sx, wq.transpose(0, 2, 1), sw, group_sizes, out_dtype=dtype)
         return y, xq, sx
-    pre = isinstance(x, Fp8Rows)
     dtype = fp8_rows.float_dtype(x)
+    chunk = _row_chunk(fp8_rows.rows_array(x).shape[0], max(wq.shape[1:]), recipe.block)
 
-    def rows(*chunk_args):
-        *row_args, gs = chunk_args
-        xq, sx = row_args if pre else quantize_rows(row_args[0], recipe)
-        y = _ragged_gemm(xq, sx, wq, sw, gs, col_block=recipe.block, recipe=recipe).astype(dtype)
-        return y, xq, sx
+    def gemm(xq, sx, gs):
+        return _ragged_gemm(xq, sx, wq, sw, gs, col_block=recipe.block, recipe=recipe).astype(dtype)
 
-    row_args = (x.values, x.scales) if pre else (x,)
-    s_rows, k = row_args[0].shape
-    return _over_row_chunks(rows, row_args, group_sizes, _row_chunk(s_rows, max(k, wq.shape[2]), recipe.block))
+    if isinstance(x, Fp8Rows):  # quantised ahead: kept as they are (not re-collected from the chunks)
+        return _over_row_chunks(gemm, (x.values, x.scales), group_sizes, chunk), x.values, x.scales
+
+    def rows(xc, gs):
+        xq, sx = quantize_rows(xc, recipe)
+        return gemm(xq, sx, gs), xq, sx
+
+    return _over_row_chunks(rows, (x,), group_sizes, chunk)
 
 
 def _grouped_dgrad(g, wq, sw, group_sizes, recipe, axes, dtype):
