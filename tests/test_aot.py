@@ -294,25 +294,38 @@ def test_fp8_weights_are_quantised_on_their_shards_and_gathered_in_e4m3(v5p):
 
 
 def test_fp8_tokens_cross_the_expert_exchange_in_e4m3(v5p):
-    """An FP8 train step with expert parallelism compiled for v5p (data 2 x expert 2, the real
-    ``ragged_all_to_all``): with ``fp8.quantized_dispatch`` the token rows go to their experts as E4M3 bytes
-    (``u8``, half of bf16's) with their fp32 scales, each in place of one bf16 exchange of the step without it
-    (no exchange added but the scales'; the results and gradients still go back in bf16)."""
-    from dsjax.config import Fp8Recipe, ModelConfig
+    """An FP8 MoE's routed experts under expert parallelism, forward and backward, compiled for v5p (data 2 x
+    expert 2, the real ``ragged_all_to_all``): with ``fp8.quantized_dispatch`` the token rows go to their
+    experts as E4M3 bytes (``u8``, half of bf16's) with their fp32 scales, each in place of one bf16 exchange of
+    the step without it (no exchange added but the scales'; results and gradients still go back in bf16)."""
+    from dsjax.config import Fp8Recipe
+    from dsjax.ops import fp8_grouped
+    from dsjax.ops.ep import moe_expert_parallel
 
-    counts = {}
-    for quantized in (True, False):
-        fp8 = Fp8Recipe(backend="pallas", quantized_dispatch=quantized)
-        cfg = ModelConfig.tiny(hidden_size=128, moe_intermediate_size=128, moe_capacity_factor=1.0, fp8=fp8)
-        mesh = make_mesh(2, 2, v5p.devices)
-        program = train_program(cfg, TrainConfig(compute_dtype="bfloat16"), mesh, FSDP_RULES, batch=8, seq=128)
+    mesh = make_mesh(2, 2, v5p.devices)
+    tokens = (("data", "expert"), None)
+    x, weights = _abstract(mesh, (512, 256), tokens), _abstract(mesh, (512, 2), tokens, jnp.float32)
+    experts = _abstract(mesh, (512, 2), tokens, jnp.int32)
+    w_up, w_down = _abstract(mesh, (8, 256, 128), ("expert",)), _abstract(mesh, (8, 128, 256), ("expert",))
+
+    def exchanges(quantized):
+        gmm = fp8_grouped.grouped_matmul(Fp8Recipe(backend="pallas", quantized_dispatch=quantized))
+
+        def loss(x, weights, w_up, w_down, experts):
+            y = moe_expert_parallel(
+                x, weights, experts, w_up, w_up, w_down, gmm=gmm, capacity_factor=1.0, exchange="ragged",
+                check_vma=False,
+            )  # fmt: skip
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
         with jax.set_mesh(mesh):
-            text = program.fn.lower(*program.args).compile().as_text()
+            text = jax.jit(jax.grad(loss, (0, 1, 2, 3))).lower(x, weights, w_up, w_down, experts).compile().as_text()
         # XLA:TPU reshapes the rows for the exchange: told apart by dtype (s32: the rows' expert ids)
-        counts[quantized] = collections.Counter(re.findall(r"= (\w+)\[[\d,]+\]\S* ragged-all-to-all\(", text))
-    sent, unsent = counts[True], counts[False]
-    assert sent["u8"] == sent["f32"] > 0 and unsent["u8"] == unsent["f32"] == 0, counts
-    assert sent["u8"] + sent["bf16"] == unsent["bf16"] and sent["s32"] == unsent["s32"], counts
+        return collections.Counter(re.findall(r"= (\w+)\[[\d,]+\]\S* ragged-all-to-all\(", text))
+
+    sent, unsent = exchanges(True), exchanges(False)
+    assert sent["u8"] == sent["f32"] > 0 and unsent["u8"] == unsent["f32"] == 0, (sent, unsent)
+    assert sent["u8"] + sent["bf16"] == unsent["bf16"] and sent["s32"] == unsent["s32"], (sent, unsent)
 
 
 def test_optimizer_state_is_sharded_like_the_parameters():
