@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jaxpr_eqns import all_eqns
 
 from dsjax.ops.attention import attention_mask, mla_naive
 from dsjax.ops.flash_attention import attention, live_tiles, resolve_impl
@@ -158,18 +159,8 @@ def test_scanned_rematerialised_layers_keep_no_per_tile_buffers():
         step = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
         return jax.lax.scan(step, c, jnp.ones((2,)))[0].sum()
 
-    tiles = []
-
-    def walk(jaxpr):
-        for e in jaxpr.eqns:
-            tiles.extend(o.aval.shape for o in e.outvars if getattr(o.aval, "shape", ())[-2:] == (16, 16))
-            for p in e.params.values():
-                for sub in p if isinstance(p, tuple | list) else (p,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jax.make_jaxpr(jax.grad(loss))(x).jaxpr)
+    eqns = all_eqns(jax.make_jaxpr(jax.grad(loss))(x))
+    tiles = [o.aval.shape for e in eqns for o in e.outvars if getattr(o.aval, "shape", ())[-2:] == (16, 16)]
     assert tiles, "the walk must see the per-tile [b, h, 16, 16] products"
     assert all(len(s) <= 4 for s in tiles), sorted({s for s in tiles if len(s) > 4})  # [b, h, bq, bk] at most
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_eqns import all_eqns
 from mosaic_gpu_interpret import interpret
 from test_fp8 import GEMM_TOL, activations, assert_close, max_rel, recipe
 
@@ -31,20 +32,8 @@ def on_gpu(monkeypatch):
 
 def _kernel_names(fn, *args) -> str:
     """The Mosaic-GPU kernels ``fn`` traces to (their ``name`` params: the jaxpr's text leaves them out)."""
-    names = set()
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "mpmd_map":
-                names.add(eqn.params["name"])
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, tuple) else (value,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return " ".join(sorted(names))
+    eqns = all_eqns(jax.make_jaxpr(fn)(*args))
+    return " ".join(sorted({eqn.params["name"] for eqn in eqns if eqn.primitive.name == "mpmd_map"}))
 
 
 @pytest.mark.parametrize(

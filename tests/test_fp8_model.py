@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_fixtures import make_hf_model, save_hf
+from jaxpr_eqns import all_eqns
 from script_runner import run_json_script
 
 import dsjax
@@ -244,21 +245,11 @@ def _exchanged_rows(module, x) -> collections.Counter:
     """How many exchanges of token rows (``hidden_size`` wide) of each dtype the expert-parallel layer's forward
     makes, read from its jaxpr (CPU: ``all_to_all``; the real ``ragged_all_to_all`` is emulated with one)."""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    found = collections.Counter()
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            rows = eqn.invars[0].aval if eqn.invars else None
-            if eqn.primitive.name in ("all_to_all", "ragged_all_to_all") and rows.shape[-1:] == x.shape[-1:]:
-                found[str(rows.dtype)] += 1
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, tuple) else (value,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p, rest)(x, "ep")[0])(params, x).jaxpr)
-    return found
+    jaxpr = jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p, rest)(x, "ep")[0])(params, x)
+    exchanges = (e for e in all_eqns(jaxpr) if e.primitive.name in ("all_to_all", "ragged_all_to_all"))
+    return collections.Counter(
+        str(e.invars[0].aval.dtype) for e in exchanges if e.invars[0].aval.shape[-1:] == x.shape[-1:]
+    )
 
 
 @pytest.mark.parametrize(

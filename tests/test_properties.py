@@ -12,6 +12,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.ad_checkpoint import print_saved_residuals
+from jaxpr_eqns import all_eqns
 
 import dsjax
 from dsjax.layers.moe import MoE
@@ -210,14 +211,7 @@ def test_mtp_modules_rematerialised(model):
     tokens = jnp.zeros((1, 8), jnp.int32)
 
     def checkpoints(jaxpr) -> int:
-        n = 0
-        for eqn in jaxpr.eqns:
-            n += eqn.primitive.name in ("checkpoint", "remat", "remat2")
-            for v in eqn.params.values():
-                inner = getattr(v, "jaxpr", v)
-                if hasattr(inner, "eqns"):
-                    n += checkpoints(inner)
-        return n
+        return sum(eqn.primitive.name in ("checkpoint", "remat", "remat2") for eqn in all_eqns(jaxpr))
 
     def count(return_mtp):
         def fn(m):

@@ -195,8 +195,8 @@ def _ragged_wgrad(xq, sx, g, group_sizes, recipe: Fp8Recipe, out_dtype=jnp.float
         # 4 x 4096 tokens of a V3 layer per H200); per chunk they stay within _WGRAD_CHUNK_BYTES.
         chunk = max(1, min(num_tiles, _WGRAD_CHUNK_BYTES // (4 * b * (k + n))))
         chunks = -(-num_tiles // chunk)
-        pad = chunks * chunk - num_tiles
-        tiles = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(chunks, chunk, b) for a in (rows, valid)]
+        # padded with empty tiles (not lax.map's batch_size: its remainder and concatenation cost 1.8 GiB more)
+        tiles = [_pad_axis(a, 0, chunks * chunk).reshape(chunks, chunk, b) for a in (rows, valid)]
         parts = jax.lax.map(lambda t: retiled(*t), tiles)
         x_tiles, sxt, g_tiles, sgt = (p.reshape(chunks * chunk, *p.shape[2:])[:num_tiles] for p in parts)
         xt, gt = (t.transpose(2, 0, 1).reshape(t.shape[2], -1) for t in (x_tiles, g_tiles))
